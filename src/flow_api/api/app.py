@@ -1,0 +1,44 @@
+"""The application factory: the lifespan owns the Redis pool, the queue and the providers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from flow_api.api.errors import install_error_handlers
+from flow_api.api.limits import BodySizeLimit
+from flow_api.api.routes import generate, health, jobs
+from flow_api.providers import ProviderRegistry, build_registry
+from flow_api.queue import job_queue
+from flow_api.settings import Settings
+
+
+def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> FastAPI:
+    """Build the API. Nothing connects until the lifespan starts."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        providers = registry or build_registry(settings)
+        async with job_queue(settings.redis, settings.worker) as queue:
+            app.state.settings = settings
+            app.state.queue = queue
+            app.state.registry = providers
+            try:
+                yield
+            finally:
+                if registry is None:
+                    await providers.aclose()
+
+    app = FastAPI(
+        title="Flow API",
+        version="0.1.0",
+        summary="Asynchronous LLM jobs: submit a prompt, poll its status and result.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_body_bytes)
+    for module in (generate, jobs, health):
+        app.include_router(module.router)
+    return app

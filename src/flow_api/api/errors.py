@@ -1,0 +1,102 @@
+"""One table from domain errors to HTTP answers; every error body is `{"error": {code, ...}}`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from flow_api.errors import FlowError
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    404: ("not_found", "no such endpoint"),
+    405: ("method_not_allowed", "this endpoint does not accept that method"),
+    413: ("payload_too_large", "the request body is too large"),
+}
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    extra: dict[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    error: dict[str, Any] = {"code": code, "message": message, **(extra or {})}
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or "body"
+
+
+def _explain(err: dict[str, Any]) -> tuple[str, str]:
+    """A stable code and a person-readable sentence for one pydantic error."""
+    kind, field = err.get("type", ""), _field(tuple(err.get("loc", ())))
+    if kind == "json_invalid":
+        return "invalid_json", "the body is not valid JSON"
+    if kind == "missing":
+        return "missing_field", f"{field} is required"
+    if kind == "extra_forbidden":
+        return "unknown_field", f"{field} is not a known field"
+    if field == "body" or kind == "model_attributes_type":
+        return "invalid_body", f"{field} must be a JSON object"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return "invalid_type", f"{field}: {err.get('msg', 'wrong type')}"
+    return "invalid_value", f"{field}: {err.get('msg', 'invalid value')}"
+
+
+async def _validation(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    code, message = _explain(errors[0]) if errors else ("invalid_request", "invalid request")
+    status = 400 if code in ("invalid_json",) else 422
+    details = [
+        {
+            "field": _field(tuple(e.get("loc", ()))),
+            "code": _explain(e)[0],
+            "message": _explain(e)[1],
+        }
+        for e in errors[:20]
+    ]
+    return error_response(status, code, message, {"details": details})
+
+
+async def _flow(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, FlowError)
+    if exc.status >= 500:
+        log.warning("%s: %s", exc.code, exc.message)
+    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    return error_response(
+        exc.status,
+        exc.code,
+        exc.message,
+        headers=headers,
+        extra={"field": exc.field} if exc.field else None,
+    )
+
+
+async def _http(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code, message = _HTTP_CODES.get(exc.status_code, ("http_error", str(exc.detail)))
+    return error_response(exc.status_code, code, message, headers=exc.headers)
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error: %s", type(exc).__name__)
+    return error_response(500, "internal_error", "an unexpected error occurred")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(FlowError, _flow)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(Exception, _unexpected)

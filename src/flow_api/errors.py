@@ -1,0 +1,130 @@
+"""Typed domain errors. Each carries a stable `code`, an HTTP status and a `retryable` flag.
+
+Third-party errors are mapped to these where they enter (see `providers/errors.py`); retry
+decisions and HTTP answers read these types, never message text.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class FlowError(Exception):
+    """Base of every error the service raises on purpose."""
+
+    code: ClassVar[str] = "internal_error"
+    status: ClassVar[int] = 500
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            body["field"] = self.field
+        return body
+
+
+# --- request errors -------------------------------------------------------------------------
+
+
+class InvalidRequest(FlowError):
+    code = "invalid_request"
+    status = 422
+
+
+class InvalidJson(FlowError):
+    code = "invalid_json"
+    status = 400
+
+
+class PayloadTooLarge(FlowError):
+    code = "payload_too_large"
+    status = 413
+
+
+class ProviderNotConfigured(InvalidRequest):
+    code = "provider_not_configured"
+
+
+class ModelNotAllowed(InvalidRequest):
+    code = "model_not_allowed"
+
+
+class JobNotFound(FlowError):
+    code = "job_not_found"
+    status = 404
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r} (it may have expired)")
+
+
+class JobFailed(FlowError):
+    """Asking for the result of a job that ended in failure."""
+
+    code = "job_failed"
+    status = 409
+
+
+class QueueUnavailable(FlowError):
+    code = "queue_unavailable"
+    status = 503
+    retryable = True
+
+
+# --- provider errors (raised in workers, recorded on the job) -------------------------------
+
+
+class ProviderError(FlowError):
+    """A provider call failed; `retryable` says whether another attempt may succeed."""
+
+    code = "provider_error"
+    status = 502
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ProviderTimeout(ProviderError):
+    code = "provider_timeout"
+    retryable = True
+
+
+class ProviderUnavailable(ProviderError):
+    """Connection refused or reset, or a 5xx answer."""
+
+    code = "provider_unavailable"
+    retryable = True
+
+
+class ProviderRateLimited(ProviderError):
+    code = "provider_rate_limited"
+    retryable = True
+
+
+class ProviderRejected(ProviderError):
+    """The provider refused the request as malformed (a 400 or 422)."""
+
+    code = "provider_rejected"
+
+
+class ProviderAuthFailed(ProviderError):
+    code = "provider_auth_failed"
+
+
+class ContextTooLong(ProviderError):
+    code = "context_too_long"
+
+
+class ContentFiltered(ProviderError):
+    code = "content_filtered"
+
+
+class ProviderMisconfigured(ProviderError):
+    """The worker cannot build the provider (missing key, missing model file)."""
+
+    code = "provider_misconfigured"

@@ -1,0 +1,62 @@
+"""The LangChain pipeline every job runs: prompt template -> chat model -> parser, with usage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_core.messages import AIMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+
+from flow_api.errors import FlowError, ProviderError
+from flow_api.models import GenerateRequest, Generation, Usage
+from flow_api.providers.base import Provider
+
+_WITH_SYSTEM = ChatPromptTemplate.from_messages([("system", "{system}"), ("human", "{prompt}")])
+_PROMPT_ONLY = ChatPromptTemplate.from_messages([("human", "{prompt}")])
+_PARSER = StrOutputParser()
+
+
+async def generate(provider: Provider, model: str, request: GenerateRequest) -> Generation:
+    """Run one request on `provider`/`model`; SDK errors come out as domain `ProviderError`s."""
+    options = request.options
+    template = _WITH_SYSTEM if options.system else _PROMPT_ONLY
+    chat = provider.chat_model(model).bind(**provider.call_options(options))
+    chain = template | chat
+    try:
+        message = await chain.ainvoke({"system": options.system or "", "prompt": request.prompt})
+    except FlowError:
+        raise
+    except Exception as exc:
+        mapped = provider.map_error(exc)
+        if mapped is None:
+            raise ProviderError(
+                f"unexpected provider failure: {type(exc).__name__}: {str(exc)[:300]}"
+            ) from exc
+        raise mapped from exc
+    return Generation(
+        text=_PARSER.invoke(message),
+        provider=provider.name,
+        model=model,
+        usage=usage_of(message),
+        finish_reason=finish_reason_of(message),
+    )
+
+
+def usage_of(message: Any) -> Usage:
+    meta = message.usage_metadata if isinstance(message, AIMessage) else None
+    if not meta:
+        return Usage()
+    prompt = int(meta.get("input_tokens", 0))
+    completion = int(meta.get("output_tokens", 0))
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=int(meta.get("total_tokens", prompt + completion)),
+    )
+
+
+def finish_reason_of(message: Any) -> str | None:
+    meta = getattr(message, "response_metadata", None) or {}
+    reason = meta.get("finish_reason") or meta.get("stop_reason")
+    return str(reason) if reason else None

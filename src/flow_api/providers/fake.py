@@ -1,0 +1,78 @@
+"""A deterministic LangChain chat model for development and tests (only when explicitly enabled).
+
+It answers `echo: <last human message>`, counts one token per whitespace-separated word, honours
+`max_tokens` (finish reason `length`) and `stop`. No network, no randomness.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatResult
+
+from flow_api.providers.base import Provider
+
+
+class EchoChatModel(BaseChatModel):
+    """Echoes the prompt back; usage counts words."""
+
+    model_name: str = "echo"
+
+    @property
+    def _llm_type(self) -> str:
+        return "flow-echo"
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        prompt = next(
+            (str(m.content) for m in reversed(messages) if isinstance(m, HumanMessage)), ""
+        )
+        words = f"echo: {prompt}".split()
+        max_tokens = kwargs.get("max_tokens")
+        finish = "stop"
+        if isinstance(max_tokens, int) and len(words) > max_tokens:
+            words, finish = words[:max_tokens], "length"
+        text = " ".join(words)
+        for marker in stop or ():
+            if marker in text:
+                text = text.split(marker, 1)[0]
+        prompt_tokens = sum(len(str(m.content).split()) for m in messages)
+        usage = UsageMetadata(
+            input_tokens=prompt_tokens,
+            output_tokens=len(text.split()),
+            total_tokens=prompt_tokens + len(text.split()),
+        )
+        message = AIMessage(
+            content=text,
+            usage_metadata=usage,
+            response_metadata={"finish_reason": finish, "model_name": self.model_name},
+        )
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return self._generate(messages, stop=stop, **kwargs)
+
+
+class FakeProvider(Provider):
+    name = "fake"
+
+    def __init__(self) -> None:
+        super().__init__("echo")
+
+    def build(self, model: str) -> BaseChatModel:
+        return EchoChatModel(model_name=model)

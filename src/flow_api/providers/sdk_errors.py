@@ -1,0 +1,76 @@
+"""Map the OpenAI and Anthropic SDK exceptions (same shape in both) to domain errors."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from typing import Any
+
+from flow_api.errors import (
+    ContentFiltered,
+    ContextTooLong,
+    ProviderAuthFailed,
+    ProviderError,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderTimeout,
+    ProviderUnavailable,
+)
+
+_CONTEXT_CODES = frozenset({"context_length_exceeded", "string_above_max_length"})
+_FILTER_CODES = frozenset({"content_filter", "content_policy_violation"})
+
+
+def retry_after_seconds(headers: Any) -> float | None:
+    """Seconds to wait from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
+    if headers is None:
+        return None
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(float(millis) / 1000, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value)
+        return max(parsed.timestamp() - time.time(), 0.0) if parsed else None
+
+
+def map_sdk_error(exc: BaseException, sdk: Any) -> ProviderError | None:
+    """Translate an exception of the `openai` or `anthropic` module `sdk`; None if not its own."""
+    if isinstance(exc, sdk.APITimeoutError):
+        return ProviderTimeout("the provider did not answer in time")
+    if isinstance(exc, sdk.APIConnectionError):
+        return ProviderUnavailable(f"could not reach the provider: {exc}")
+    if not isinstance(exc, sdk.APIStatusError):
+        if isinstance(exc, sdk.APIError):  # malformed or unexpected body
+            return ProviderUnavailable(f"the provider sent an unusable answer: {exc.message}")
+        return None
+    status = exc.status_code
+    code = getattr(exc, "code", None)
+    detail = _detail(exc)
+    if status == 429:
+        return ProviderRateLimited(
+            f"rate limited by the provider: {detail}",
+            retry_after=retry_after_seconds(exc.response.headers),
+        )
+    if status in (401, 403):
+        return ProviderAuthFailed(f"the provider refused the credentials ({status}): {detail}")
+    if code in _CONTEXT_CODES:
+        return ContextTooLong(f"the prompt is too long for the model: {detail}")
+    if code in _FILTER_CODES:
+        return ContentFiltered(f"the provider's content filter refused the prompt: {detail}")
+    if status in (408, 409) or status >= 500:
+        return ProviderUnavailable(f"the provider failed ({status}): {detail}")
+    return ProviderRejected(f"the provider rejected the request ({status}): {detail}")
+
+
+def _detail(exc: Any) -> str:
+    # The SDK's message carries the provider's error text, never the request headers or key.
+    message = str(getattr(exc, "message", "") or exc)
+    return message[:500]

@@ -1,0 +1,299 @@
+"""The only module that imports bullmq: enqueue, look up, consume; key names and job options.
+
+BullMQ owns the job lifecycle (state, data, return value, attempts, logs). What Flow API adds on a
+job is written as JSON lines in the job's own BullMQ log (see `history.py`), so it expires with
+the job and needs no key of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from bullmq import DelayedError, Job, Queue, UnrecoverableError, Worker
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from flow_api.errors import FlowError, JobNotFound, QueueUnavailable
+from flow_api.settings import RedisSettings, WorkerSettings
+
+log = logging.getLogger(__name__)
+
+JOB_NAME = "generate"
+BACKOFF_TYPE = "flow-jitter"
+# Why shards: bullmq's Worker.run calls asyncio.wait over every in-flight task each time one
+# finishes, so its cost per job grows with concurrency (DESIGN.md: 62% of ideal at 1000).
+# Several Workers of at most this many slots each keep that set small.
+SHARD_SLOTS = 100
+
+_REDIS_DOWN = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.BusyLoadingError,
+    ConnectionError,
+    OSError,
+)
+
+
+def connect(settings: RedisSettings) -> Redis:
+    """A pooled Redis client with short timeouts, so a missing server answers fast."""
+    return Redis.from_url(
+        settings.url,
+        decode_responses=True,
+        socket_timeout=settings.socket_timeout_s,
+        socket_connect_timeout=settings.socket_timeout_s,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+    )
+
+
+@contextlib.contextmanager
+def redis_errors_as_unavailable() -> Any:
+    """Turn a lost Redis connection into `QueueUnavailable` (HTTP 503), at the boundary."""
+    try:
+        yield
+    except FlowError:
+        raise
+    except _REDIS_DOWN as exc:
+        raise QueueUnavailable(f"the job store is unreachable: {type(exc).__name__}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class StoredJob:
+    """A job as read back from Redis, in BullMQ's terms but our names."""
+
+    id: str
+    state: str
+    data: dict[str, Any]
+    created_ms: int
+    started_ms: int | None
+    finished_ms: int | None
+    attempts_made: int
+    failed_reason: str | None
+    return_value: Any
+    log_lines: list[str]
+
+
+class JobQueue:
+    """Producer and reader side of the queue, used by the API."""
+
+    def __init__(self, redis: Redis, redis_settings: RedisSettings, worker: WorkerSettings):
+        self.redis = redis
+        self.worker = worker
+        self.queue = Queue(
+            redis_settings.queue_name,
+            {"connection": redis, "prefix": redis_settings.prefix},
+        )
+
+    def job_options(self, job_id: str, priority: int | None) -> dict[str, Any]:
+        keep = {"age": self.worker.retention_s}
+        opts: dict[str, Any] = {
+            "jobId": job_id,
+            "attempts": self.worker.attempts,
+            "backoff": {"type": BACKOFF_TYPE, "delay": self.worker.backoff_base_ms},
+            "removeOnComplete": keep,
+            "removeOnFail": keep,
+        }
+        if priority is not None:
+            opts["priority"] = priority
+        return opts
+
+    async def enqueue(self, data: dict[str, Any], priority: int | None = None) -> str:
+        """Durably add a job; returns its unguessable id (a random UUID)."""
+        job_id = uuid.uuid4().hex
+        with redis_errors_as_unavailable():
+            await self.queue.add(JOB_NAME, data, self.job_options(job_id, priority))
+        return job_id
+
+    async def fetch(self, job_id: str, *, with_logs: bool = False) -> StoredJob:
+        """Read one job; raises `JobNotFound` for unknown (or expired) ids."""
+        with redis_errors_as_unavailable():
+            job = await Job.fromId(self.queue, job_id) if _valid_id(job_id) else None
+            if job is None:
+                raise JobNotFound(job_id)
+            state = await self.queue.getJobState(job_id)
+            lines: list[str] = []
+            if with_logs or state == "failed":  # a failure's reason is in its last attempt
+                found = await self.queue.getJobLogs(job_id)
+                lines = list(found.get("logs", []))
+        return StoredJob(
+            id=job_id,
+            state=state,
+            data=job.data if isinstance(job.data, dict) else {},
+            created_ms=job.timestamp,
+            started_ms=getattr(job, "processedOn", None),
+            finished_ms=getattr(job, "finishedOn", None),
+            attempts_made=job.attemptsMade,
+            failed_reason=getattr(job, "failedReason", None),
+            return_value=job.returnvalue,
+            log_lines=lines,
+        )
+
+    async def ping(self) -> None:
+        with redis_errors_as_unavailable():
+            await self.redis.ping()
+
+    async def close(self) -> None:
+        await self.queue.close()
+
+
+def _valid_id(job_id: str) -> bool:
+    # BullMQ builds keys from ids; refuse anything that could address another key.
+    return 0 < len(job_id) <= 128 and ":" not in job_id
+
+
+# --- consumer side ----------------------------------------------------------------------------
+
+
+class JobHandle:
+    """What a handler sees of an active job: its data, attempt number and log."""
+
+    def __init__(self, job: Job, token: str) -> None:
+        self._job = job
+        self._token = token
+
+    @property
+    def id(self) -> str:
+        return str(self._job.id)
+
+    @property
+    def data(self) -> dict[str, Any]:
+        data = self._job.data
+        return data if isinstance(data, dict) else {}
+
+    @property
+    def attempt(self) -> int:
+        """1 for the first try."""
+        return int(self._job.attemptsMade) + 1
+
+    @property
+    def max_attempts(self) -> int:
+        return int(self._job.opts.get("attempts") or 1)
+
+    async def log(self, entry: dict[str, Any]) -> None:
+        await self._job.log(orjson.dumps(entry).decode())
+
+    async def hand_back(self) -> None:
+        """Return the job to the queue without spending an attempt (used on shutdown)."""
+        await self._job.moveToDelayed(int(time.time() * 1000), self._token)
+
+
+Handler = Callable[[JobHandle], Awaitable[dict[str, Any]]]
+
+
+def retry_delay_ms(settings: WorkerSettings, attempts_made: int, err: BaseException) -> int:
+    """Exponential backoff with equal jitter, never shorter than a provider's Retry-After."""
+    ceiling = min(
+        settings.backoff_max_ms, settings.backoff_base_ms << min(max(attempts_made - 1, 0), 30)
+    )
+    delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+    retry_after = getattr(err, "retry_after", None)
+    if isinstance(retry_after, int | float) and retry_after > 0:
+        delay = max(delay, float(retry_after) * 1000)
+    return max(1, math.ceil(delay))
+
+
+class QueueConsumer:
+    """Runs `handler` on jobs with `concurrency` slots, over bullmq Workers of ≤100 slots each.
+
+    Non-retryable `FlowError`s fail the job at once; others are retried by BullMQ with
+    `retry_delay_ms`. On stop, in-flight jobs get `shutdown_grace_s` to finish; the rest are
+    handed back to the queue.
+    """
+
+    def __init__(self, redis: RedisSettings, worker: WorkerSettings, handler: Handler) -> None:
+        self.redis = redis
+        self.settings = worker
+        self.handler = handler
+        self._workers: list[Worker] = []
+        self._stopping = False
+
+    async def _process(self, job: Job, token: str) -> dict[str, Any]:
+        handle = JobHandle(job, token)
+        try:
+            return await self.handler(handle)
+        except asyncio.CancelledError:
+            if self._stopping:
+                await asyncio.shield(handle.hand_back())
+                raise DelayedError("handed back on shutdown") from None
+            raise
+        except FlowError as exc:
+            if not exc.retryable:
+                raise UnrecoverableError(str(exc)) from exc
+            raise
+
+    def _worker_options(self, slots: int) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "autorun": False,
+            "concurrency": slots,
+            "connection": self.redis.url,
+            "prefix": self.redis.prefix,
+            "lockDuration": s.lock_duration_ms,
+            "stalledInterval": s.stalled_interval_ms,
+            "maxStalledCount": 1,
+            # bullmq's Worker.close() waits up to drainDelay seconds while idle; keep it short.
+            "drainDelay": 1,
+            "runRetryDelay": 1000,
+            "settings": {
+                "backoffStrategy": lambda attempts, _type, err, _job: retry_delay_ms(
+                    s, attempts, err
+                )
+            },
+        }
+
+    async def run(self) -> None:
+        """Consume until `stop()`; returns when every shard has closed."""
+        total = self.settings.concurrency
+        shards = max(1, math.ceil(total / SHARD_SLOTS))
+        for index in range(shards):
+            slots = total // shards + (1 if index < total % shards else 0)
+            worker = Worker(self.redis.queue_name, self._process, self._worker_options(slots))
+            worker.on("error", _log_worker_error)
+            self._workers.append(worker)
+        await asyncio.gather(*(w.run() for w in self._workers))
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(w.jobs) for w in self._workers)
+
+    async def stop(self) -> None:
+        """Stop taking jobs; in-flight ones get the grace period, then go back to the queue."""
+        workers = list(self._workers)
+        graceful = asyncio.gather(*(w.close() for w in workers))
+        try:
+            await asyncio.wait_for(asyncio.shield(graceful), self.settings.shutdown_grace_s)
+        except TimeoutError:
+            log.warning("grace period over; handing %d jobs back to the queue", self.in_flight)
+            self._stopping = True
+            for worker in workers:
+                worker.cancelProcessing()
+            with contextlib.suppress(Exception):
+                await graceful
+
+
+def _log_worker_error(err: BaseException, *_: Any) -> None:
+    log.warning("queue worker error: %s: %s", type(err).__name__, err)
+
+
+@contextlib.asynccontextmanager
+async def job_queue(redis: RedisSettings, worker: WorkerSettings) -> AsyncIterator[JobQueue]:
+    """A `JobQueue` with its own Redis pool, closed on exit."""
+    client = connect(redis)
+    queue = JobQueue(client, redis, worker)
+    try:
+        yield queue
+    finally:
+        await queue.close()
+        await client.aclose()

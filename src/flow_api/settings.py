@@ -1,0 +1,171 @@
+"""One typed settings object, read from `FLOW_*` (and the providers' standard) variables.
+
+Build it once at the entry point (`Settings()`) and pass it down; tests build their own:
+`Settings(redis=RedisSettings(url=url))`. Each section reads its own prefix, so the variables
+stay flat (`FLOW_REDIS_URL`, `FLOW_WORKER_CONCURRENCY`) while the object is nested.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ProviderName = Literal["openai", "azure", "anthropic", "local", "fake"]
+
+
+def _section(prefix: str) -> SettingsConfigDict:
+    return SettingsConfigDict(env_prefix=prefix, extra="ignore", populate_by_name=True)
+
+
+class RedisSettings(BaseSettings):
+    """Where the queue lives. `redis://`, `rediss://` (TLS) and passwords in the URL all work."""
+
+    model_config = _section("FLOW_REDIS_")
+
+    url: str = "redis://127.0.0.1:6379/0"
+    queue_name: str = Field("flow-ai", description="BullMQ queue name shared by API and workers")
+    prefix: str = Field("bull", description="BullMQ key prefix; use '{bull}' on Redis Cluster")
+    socket_timeout_s: float = Field(5.0, gt=0, description="Redis command timeout")
+
+
+class ApiSettings(BaseSettings):
+    """The HTTP front end."""
+
+    model_config = _section("FLOW_API_")
+
+    host: str = "127.0.0.1"
+    port: int = Field(3000, ge=0, le=65535)
+    max_body_bytes: int = Field(1_048_576, gt=0, description="larger bodies get 413")
+    max_prompt_chars: int = Field(100_000, gt=0, description="longer prompts get 422")
+    max_metadata_bytes: int = Field(4096, gt=0, description="size cap on options.metadata")
+
+
+class WorkerSettings(BaseSettings):
+    """How jobs run."""
+
+    model_config = _section("FLOW_WORKER_")
+
+    concurrency: int = Field(100, ge=1, le=10_000, description="jobs in flight per process")
+    job_timeout_s: float = Field(120.0, gt=0, description="per-attempt limit unless timeoutMs")
+    attempts: int = Field(5, ge=1, le=50, description="tries per job, the first included")
+    backoff_base_ms: int = Field(1000, ge=0, description="first retry delay before jitter")
+    backoff_max_ms: int = Field(60_000, ge=0, description="cap on one retry delay")
+    retention_s: int = Field(7 * 86_400, ge=60, description="how long finished jobs are kept")
+    lock_duration_ms: int = Field(30_000, ge=1000, description="BullMQ lock; renewed at half")
+    stalled_interval_ms: int = Field(30_000, ge=1000, description="stalled-job check period")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="in-flight jobs get this long")
+
+
+class OpenAISettings(BaseSettings):
+    """OpenAI or any OpenAI-compatible endpoint (vLLM, Ollama, LiteLLM)."""
+
+    model_config = _section("FLOW_OPENAI_")
+
+    api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("FLOW_OPENAI_API_KEY", "OPENAI_API_KEY", "api_key")
+    )
+    base_url: str | None = Field(
+        None, validation_alias=AliasChoices("FLOW_OPENAI_BASE_URL", "OPENAI_BASE_URL", "base_url")
+    )
+    model: str = "gpt-4o-mini"
+    models: list[str] = Field(default_factory=list, description="allowed models; empty = any")
+
+
+class AzureSettings(BaseSettings):
+    """Azure OpenAI, configured with its standard variables."""
+
+    model_config = _section("FLOW_AZURE_")
+
+    api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("FLOW_AZURE_API_KEY", "AZURE_OPENAI_API_KEY", "api_key")
+    )
+    endpoint: str | None = Field(
+        None,
+        validation_alias=AliasChoices("FLOW_AZURE_ENDPOINT", "AZURE_OPENAI_ENDPOINT", "endpoint"),
+    )
+    api_version: str = Field(
+        "2024-10-21",
+        validation_alias=AliasChoices(
+            "FLOW_AZURE_API_VERSION", "OPENAI_API_VERSION", "api_version"
+        ),
+    )
+    deployment: str | None = Field(None, description="default deployment (the model name)")
+    models: list[str] = Field(default_factory=list, description="allowed deployments; empty = any")
+
+
+class AnthropicSettings(BaseSettings):
+    """Anthropic's Messages API."""
+
+    model_config = _section("FLOW_ANTHROPIC_")
+
+    api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("FLOW_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY", "api_key"),
+    )
+    base_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("FLOW_ANTHROPIC_BASE_URL", "ANTHROPIC_BASE_URL", "base_url"),
+    )
+    model: str = "claude-3-5-haiku-latest"
+    models: list[str] = Field(default_factory=list, description="allowed models; empty = any")
+    default_max_tokens: int = Field(1024, ge=1, description="Anthropic requires max_tokens")
+
+
+class LocalSettings(BaseSettings):
+    """The offline provider: llama.cpp running a GGUF file (the `local` extra)."""
+
+    model_config = _section("FLOW_LOCAL_")
+
+    enabled: bool | None = Field(None, description="None = on when the extra is installed")
+    model_path: Path | None = Field(None, description="any GGUF; default: the bundled Gemma 3")
+    cache_dir: Path | None = Field(None, description="where the bundled GGUF is assembled")
+    instances: int = Field(1, ge=1, le=16, description="model copies; jobs queue on them")
+    context_size: int = Field(2048, ge=256)
+    threads: int | None = Field(None, ge=1, description="llama.cpp threads; None = cores")
+    default_max_tokens: int = Field(256, ge=1)
+
+
+class ProviderSettings(BaseSettings):
+    """Which providers are on, and which answers when a request names none."""
+
+    model_config = _section("FLOW_PROVIDER_")
+
+    default: ProviderName | None = Field(None, description="None = first configured")
+    fake_enabled: bool = Field(False, description="deterministic fake model, for dev and tests")
+
+
+class Settings(BaseSettings):
+    """Every setting of the service, grouped by concern."""
+
+    model_config = SettingsConfigDict(env_prefix="FLOW_", extra="ignore")
+
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    provider: ProviderSettings = Field(default_factory=ProviderSettings)
+    openai: OpenAISettings = Field(default_factory=OpenAISettings)
+    azure: AzureSettings = Field(default_factory=AzureSettings)
+    anthropic: AnthropicSettings = Field(default_factory=AnthropicSettings)
+    local: LocalSettings = Field(default_factory=LocalSettings)
+    log_level: str = Field("INFO", description="FLOW_LOG_LEVEL")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.worker.backoff_max_ms < self.worker.backoff_base_ms:
+            raise ValueError("FLOW_WORKER_BACKOFF_MAX_MS must be >= FLOW_WORKER_BACKOFF_BASE_MS")
+        return self
+
+
+SECTIONS: dict[str, type[BaseSettings]] = {
+    "redis": RedisSettings,
+    "api": ApiSettings,
+    "worker": WorkerSettings,
+    "provider": ProviderSettings,
+    "openai": OpenAISettings,
+    "azure": AzureSettings,
+    "anthropic": AnthropicSettings,
+    "local": LocalSettings,
+}
