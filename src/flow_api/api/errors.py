@@ -16,6 +16,7 @@ from flow_api.errors import FlowError
 log = logging.getLogger(__name__)
 
 _HTTP_CODES = {
+    400: ("invalid_json", "the body could not be read as UTF-8 JSON"),
     404: ("not_found", "no such endpoint"),
     405: ("method_not_allowed", "this endpoint does not accept that method"),
     413: ("payload_too_large", "the request body is too large"),
@@ -47,8 +48,11 @@ def _explain(err: dict[str, Any]) -> tuple[str, str]:
         return "missing_field", f"{field} is required"
     if kind == "extra_forbidden":
         return "unknown_field", f"{field} is not a known field"
-    if field == "body" or kind == "model_attributes_type":
-        return "invalid_body", f"{field} must be a JSON object"
+    if kind in ("model_attributes_type", "model_type", "dict_type"):
+        code = "invalid_body" if field == "body" else "invalid_type"
+        return code, f"{field} must be a JSON object"
+    if field == "body":
+        return "invalid_body", f"the body is not acceptable: {err.get('msg', '')}"
     if kind.endswith("_type") or kind.endswith("_parsing"):
         return "invalid_type", f"{field}: {err.get('msg', 'wrong type')}"
     return "invalid_value", f"{field}: {err.get('msg', 'invalid value')}"
