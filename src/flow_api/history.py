@@ -7,6 +7,8 @@ tools (bull-board, Taskforce) show it too. Lines that are not ours are kept as p
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +41,9 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
 def attempt_started(attempt: int, provider: str, model: str) -> dict[str, Any]:
     return {
         "event": "attempt",
@@ -46,6 +51,7 @@ def attempt_started(attempt: int, provider: str, model: str) -> dict[str, Any]:
         "attempt": attempt,
         "provider": provider,
         "model": model,
+        "worker": WORKER_ID,
     }
 
 
@@ -120,21 +126,27 @@ def generation_of(job: StoredJob) -> Generation | None:
 
 
 def _attempts(entries: list[dict[str, Any]]) -> list[Attempt]:
-    attempts: dict[int, dict[str, Any]] = {}
+    """Attempts in start order; a start with no end is one a crash or shutdown cut short."""
+    attempts: list[dict[str, Any]] = []
     for entry in entries:
         number = entry.get("attempt")
         if entry.get("event") == "attempt" and isinstance(number, int):
-            attempts[number] = {
-                "attempt": number,
-                "started_at": _when(entry["at"]),
-                "provider": entry.get("provider", ""),
-                "model": entry.get("model", ""),
-            }
-        elif entry.get("event") == "attempt_end" and number in attempts:
-            attempts[number]["finished_at"] = _when(entry["at"])
-            if entry.get("error"):
-                attempts[number]["error"] = ErrorInfo.model_validate(entry["error"])
-    return [Attempt.model_validate(a) for _, a in sorted(attempts.items())]
+            attempts.append(
+                {
+                    "attempt": number,
+                    "started_at": _when(entry["at"]),
+                    "provider": entry.get("provider", ""),
+                    "model": entry.get("model", ""),
+                    "worker": entry.get("worker"),
+                }
+            )
+        elif entry.get("event") == "attempt_end":
+            open_ = [a for a in attempts if a["attempt"] == number and "finished_at" not in a]
+            if open_:
+                open_[-1]["finished_at"] = _when(entry["at"])
+                if entry.get("error"):
+                    open_[-1]["error"] = ErrorInfo.model_validate(entry["error"])
+    return [Attempt.model_validate(a) for a in attempts]
 
 
 def _describe(entry: dict[str, Any]) -> str:

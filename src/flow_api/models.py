@@ -120,6 +120,7 @@ class Attempt(WireModel):
     finished_at: datetime | None = None
     provider: str
     model: str
+    worker: str | None = None
     error: ErrorInfo | None = None
 
 

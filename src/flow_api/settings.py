@@ -17,7 +17,9 @@ ProviderName = Literal["openai", "azure", "anthropic", "local", "fake"]
 
 
 def _section(prefix: str) -> SettingsConfigDict:
-    return SettingsConfigDict(env_prefix=prefix, extra="ignore", populate_by_name=True)
+    return SettingsConfigDict(
+        env_prefix=prefix, extra="ignore", populate_by_name=True, env_ignore_empty=True
+    )
 
 
 class RedisSettings(BaseSettings):
