@@ -115,9 +115,11 @@ async def start_worker(settings: Settings) -> AsyncIterator[WorkerFactory]:
     """Start in-process workers on demand (`await start_worker()`); all stopped at teardown."""
     running: list[tuple[FlowWorker, ProviderRegistry, asyncio.Task[None]]] = []
 
-    async def start(worker_settings: Settings | None = None) -> FlowWorker:
+    async def start(
+        worker_settings: Settings | None = None, registry: ProviderRegistry | None = None
+    ) -> FlowWorker:
         chosen = worker_settings or settings
-        registry = build_registry(chosen)
+        registry = registry or build_registry(chosen)
         worker = FlowWorker(chosen, registry)
         running.append((worker, registry, asyncio.create_task(worker.run())))
         return worker

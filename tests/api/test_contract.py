@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from flow_api.embedded import EmbeddedValkey
+from flow_api.embedded import EmbeddedValkey, free_port
 from flow_api.settings import OpenAISettings
 from flow_api.worker import FlowWorker
 from tests.conftest import Api, WorkerFactory, make_settings, start_api
@@ -257,3 +257,26 @@ async def test_unknown_route_and_method_are_json(api: Api) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     wrong = await api.client.get("/api/ai/generate")
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+
+
+async def test_redis_unreachable_is_503_fast_not_500(valkey: EmbeddedValkey) -> None:
+    settings = make_settings(valkey.url)
+    settings.redis.url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    server, task = await start_api(settings)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.api.port}") as c:
+            started = asyncio.get_running_loop().time()
+            submit = await c.post("/api/ai/generate", json={"prompt": "x"})
+            status = await c.get("/api/ai/status/abc")
+            ready = await c.get("/readyz")
+            alive = await c.get("/healthz")
+            elapsed = asyncio.get_running_loop().time() - started
+    finally:
+        server.should_exit = True
+        await task
+    for answer in (submit, status, ready):
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "queue_unavailable"
+        assert answer.headers["retry-after"] == "1"
+    assert alive.status_code == 200
+    assert elapsed < 10

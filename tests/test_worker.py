@@ -1,0 +1,151 @@
+"""The worker's attempt loop against a scripted chat model (the LLM boundary is the only fake)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatResult
+
+from flow_api.errors import (
+    FlowError,
+    ProviderAuthFailed,
+    ProviderRateLimited,
+    ProviderUnavailable,
+)
+from flow_api.providers import ProviderRegistry
+from flow_api.providers.base import Provider
+from flow_api.queue import retry_delay_ms
+from flow_api.settings import Settings, WorkerSettings
+from tests.conftest import Api, WorkerFactory
+
+Step = FlowError | float | None  # an error to raise, seconds to hang, or None for success
+
+
+class ScriptedChatModel(BaseChatModel):
+    """Answers each prompt by its script: the n-th call for a prompt takes the n-th step."""
+
+    scripts: dict[str, list[Any]]
+    calls: dict[str, int]
+
+    @property
+    def _llm_type(self) -> str:
+        return "scripted"
+
+    def _generate(self, messages: list[BaseMessage], *a: Any, **k: Any) -> ChatResult:
+        raise NotImplementedError
+
+    async def _agenerate(self, messages: list[BaseMessage], *a: Any, **k: Any) -> ChatResult:
+        prompt = str(messages[-1].content)
+        n = self.calls.get(prompt, 0)
+        self.calls[prompt] = n + 1
+        script = self.scripts.get(prompt, [None])
+        step = script[min(n, len(script) - 1)]
+        if isinstance(step, FlowError):
+            raise step
+        if isinstance(step, float):
+            await asyncio.sleep(step)
+        message = AIMessage(
+            content=f"ok {n + 1}",
+            usage_metadata={"input_tokens": 1, "output_tokens": 2, "total_tokens": 3},
+            response_metadata={"finish_reason": "stop"},
+        )
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+
+class ScriptedProvider(Provider):
+    name = "fake"
+
+    def __init__(self, scripts: dict[str, list[Any]]) -> None:
+        super().__init__("scripted")
+        self.model = ScriptedChatModel(scripts=scripts, calls={})
+
+    def build(self, model: str) -> BaseChatModel:
+        return self.model
+
+
+async def run_script(
+    api: Api,
+    start_worker: WorkerFactory,
+    settings: Settings,
+    prompt: str,
+    script: list[Any],
+    **options: Any,
+) -> tuple[dict[str, Any], ScriptedProvider]:
+    provider = ScriptedProvider({prompt: script})
+    await start_worker(settings, ProviderRegistry([provider]))
+    job_id = await api.submit(prompt, **options)
+    await api.wait(job_id)
+    record: dict[str, Any] = (await api.client.get(f"/api/ai/jobs/{job_id}")).json()
+    return record, provider
+
+
+async def test_retryable_errors_are_retried_until_success(
+    api: Api, start_worker: WorkerFactory, settings: Settings
+) -> None:
+    script = [ProviderUnavailable("boom"), ProviderRateLimited("slow down", retry_after=0.2), None]
+    record, provider = await run_script(api, start_worker, settings, "p", script)
+    assert record["status"] == "completed"
+    assert record["result"]["text"] == "ok 3"
+    codes = [a.get("error", {}).get("code") for a in record["attempts"]]
+    assert codes == ["provider_unavailable", "provider_rate_limited", None]
+    assert provider.model.calls["p"] == 3
+    first_end = record["attempts"][1]["finishedAt"]
+    third_start = record["attempts"][2]["startedAt"]
+    assert third_start > first_end  # ordered, and the 429 delay happened in between
+
+
+async def test_non_retryable_error_fails_at_once(
+    api: Api, start_worker: WorkerFactory, settings: Settings
+) -> None:
+    record, provider = await run_script(
+        api, start_worker, settings, "q", [ProviderAuthFailed("bad key"), None]
+    )
+    assert record["status"] == "failed"
+    assert provider.model.calls["q"] == 1
+    assert record["error"] == {
+        "code": "provider_auth_failed",
+        "message": "bad key",
+        "retryable": False,
+    }
+    status = (await api.client.get(f"/api/ai/status/{record['jobId']}")).json()
+    assert status["error"]["code"] == "provider_auth_failed"
+    assert status["attempts"] == 1
+    result = await api.client.get(f"/api/ai/result/{record['jobId']}")
+    assert result.status_code == 409
+    assert result.json()["error"]["code"] == "job_failed"
+    assert result.json()["error"]["cause"]["code"] == "provider_auth_failed"
+
+
+async def test_attempts_are_bounded(
+    api: Api, start_worker: WorkerFactory, settings: Settings
+) -> None:
+    settings.worker.attempts = 3
+    record, provider = await run_script(
+        api, start_worker, settings, "r", [ProviderUnavailable("down")]
+    )
+    assert record["status"] == "failed"
+    assert provider.model.calls["r"] == 3
+    assert len(record["attempts"]) == 3
+    assert record["error"]["retryable"] is True  # it was retryable; attempts ran out
+
+
+async def test_a_hung_call_times_out_and_is_retried(
+    api: Api, start_worker: WorkerFactory, settings: Settings
+) -> None:
+    record, _ = await run_script(api, start_worker, settings, "s", [30.0, None], timeoutMs=300)
+    assert record["status"] == "completed"
+    assert record["attempts"][0]["error"]["code"] == "provider_timeout"
+
+
+def test_backoff_grows_with_jitter_and_honours_retry_after() -> None:
+    s = WorkerSettings(backoff_base_ms=1000, backoff_max_ms=8000)
+    plain = ProviderUnavailable("x")
+    for attempts, low, high in [(1, 500, 1000), (2, 1000, 2000), (3, 2000, 4000), (9, 4000, 8000)]:
+        delays = {retry_delay_ms(s, attempts, plain) for _ in range(50)}
+        assert all(low <= d <= high for d in delays), (attempts, delays)
+        assert len(delays) > 1  # jittered
+    limited = ProviderRateLimited("x", retry_after=30)
+    assert retry_delay_ms(s, 1, limited) == 30_000
