@@ -69,10 +69,39 @@ class JobFailed(FlowError):
     status = 409
 
 
+class JobAlreadyFinished(FlowError):
+    """Cancelling a job that already completed, failed, expired or was cancelled."""
+
+    code = "job_already_finished"
+    status = 409
+
+
+class IdempotencyConflict(FlowError):
+    code = "idempotency_key_reused"
+    status = 409
+
+
 class QueueUnavailable(FlowError):
     code = "queue_unavailable"
     status = 503
     retryable = True
+
+
+# --- job outcomes that are not provider failures ----------------------------------------------
+
+
+class JobCancelled(FlowError):
+    """A client cancelled the job; it is not retried."""
+
+    code = "cancelled"
+    status = 409
+
+
+class JobExpired(FlowError):
+    """The job could not start before its deadline (`startWithinMs`); it is not run late."""
+
+    code = "expired"
+    status = 409
 
 
 # --- provider errors (raised in workers, recorded on the job) -------------------------------

@@ -78,22 +78,45 @@ def _parse(line: str) -> dict[str, Any]:
     return entry if isinstance(entry, dict) and "event" in entry else {"message": line}
 
 
-def status_of(job: StoredJob) -> JobStatus:
-    return _STATES.get(job.state, JobStatus.WAITING)
+_OUTCOMES = {"cancelled": JobStatus.CANCELLED, "expired": JobStatus.EXPIRED}
 
 
-def _error_of(job: StoredJob, entries: list[dict[str, Any]]) -> ErrorInfo:
-    for entry in reversed(entries):
+def _last_error(job: StoredJob) -> ErrorInfo:
+    for entry in reversed([_parse(line) for line in job.log_lines]):
         if entry.get("event") == "attempt_end" and entry.get("error"):
-            return ErrorInfo.model_validate(entry["error"])
-    return ErrorInfo(code="job_failed", message=job.failed_reason or "the job failed")
+            return ErrorInfo.model_validate({**entry["error"], "attempts": job.attempts_made})
+    reason = job.failed_reason or "the job failed"
+    return ErrorInfo(code="job_failed", message=reason, attempts=job.attempts_made)
 
 
-def error_of(job: StoredJob) -> ErrorInfo | None:
-    """The reason a failed job failed (from its last attempt), else None."""
-    if status_of(job) is not JobStatus.FAILED:
-        return None
-    return _error_of(job, [_parse(line) for line in job.log_lines])
+def _deadline_passed(job: StoredJob) -> bool:
+    start_by = job.data.get("startBy")
+    never_started = job.attempts_made == 0 and job.state != "active"
+    return never_started and isinstance(start_by, int) and now_ms() > start_by
+
+
+def outcome_of(job: StoredJob) -> tuple[JobStatus, ErrorInfo | None]:
+    """The job's status as clients see it, and why it did not complete where it did not.
+
+    A cancel or a passed start deadline shows at once, even before a worker has moved the job
+    out of BullMQ's wait list (the worker then ends it without calling the provider).
+    """
+    state = _STATES.get(job.state, JobStatus.WAITING)
+    if state is JobStatus.FAILED:
+        error = _last_error(job)
+        return _OUTCOMES.get(error.code, JobStatus.FAILED), error
+    if state is JobStatus.COMPLETED:
+        return state, None
+    if job.cancel_requested_ms is not None:
+        return JobStatus.CANCELLED, ErrorInfo(code="cancelled", message="cancelled by the client")
+    if _deadline_passed(job):
+        message = "not started before its deadline (startWithinMs)"
+        return JobStatus.EXPIRED, ErrorInfo(code="expired", message=message)
+    return state, None
+
+
+def status_of(job: StoredJob) -> JobStatus:
+    return outcome_of(job)[0]
 
 
 def metadata_of(job: StoredJob) -> dict[str, Any] | None:
@@ -103,15 +126,16 @@ def metadata_of(job: StoredJob) -> dict[str, Any] | None:
 
 
 def view_of(job: StoredJob) -> JobView:
-    status = status_of(job)
+    status, error = outcome_of(job)
+    finished_ms = job.finished_ms or job.cancel_requested_ms or job.data.get("startBy")
     return JobView(
         job_id=job.id,
         status=status,
         attempts=job.attempts_made + (1 if status is JobStatus.ACTIVE else 0),
         created_at=_when(job.created_ms) or datetime.now(UTC),
         started_at=_when(job.started_ms),
-        finished_at=_when(job.finished_ms) if status.finished else None,
-        error=error_of(job),
+        finished_at=_when(finished_ms) if status.finished else None,
+        error=error,
         metadata=metadata_of(job),
     )
 

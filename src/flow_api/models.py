@@ -37,6 +37,7 @@ class GenerateOptions(WireModel):
     priority: Annotated[StrictInt, Field(ge=1, le=2_097_152)] | None = None
     stop: Annotated[list[StrictStr], Field(max_length=8)] | None = None
     seed: StrictInt | None = None
+    start_within_ms: Annotated[StrictInt, Field(ge=1, le=30 * 86_400_000)] | None = None
     metadata: dict[str, Any] | None = None
 
 
@@ -55,10 +56,12 @@ class JobStatus(StrEnum):
     ACTIVE = "active"
     COMPLETED = "completed"
     FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
 
     @property
     def finished(self) -> bool:
-        return self in (JobStatus.COMPLETED, JobStatus.FAILED)
+        return self not in (JobStatus.WAITING, JobStatus.ACTIVE)
 
 
 class ErrorInfo(WireModel):
@@ -67,6 +70,7 @@ class ErrorInfo(WireModel):
     code: str
     message: str
     retryable: bool = False
+    attempts: int | None = None
 
 
 class JobAccepted(WireModel):

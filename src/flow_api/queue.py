@@ -26,6 +26,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from flow_api.errors import FlowError, JobNotFound, QueueUnavailable
+from flow_api.keys import CANCEL_FIELD, cancel_channel
 from flow_api.settings import RedisSettings, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class StoredJob:
     failed_reason: str | None
     return_value: Any
     log_lines: list[str]
+    cancel_requested_ms: int | None = None
 
 
 class JobQueue:
@@ -95,6 +97,7 @@ class JobQueue:
             redis_settings.queue_name,
             {"connection": redis, "prefix": redis_settings.prefix},
         )
+        self._flag_cancel = redis.register_script(_FLAG_CANCEL)
 
     def job_options(self, job_id: str, priority: int | None) -> dict[str, Any]:
         keep = {"age": self.worker.retention_s}
@@ -109,9 +112,11 @@ class JobQueue:
             opts["priority"] = priority
         return opts
 
-    async def enqueue(self, data: dict[str, Any], priority: int | None = None) -> str:
-        """Durably add a job; returns its unguessable id (a random UUID)."""
-        job_id = uuid.uuid4().hex
+    async def enqueue(
+        self, data: dict[str, Any], priority: int | None = None, job_id: str | None = None
+    ) -> str:
+        """Durably add a job; returns its id (by default a random, unguessable UUID)."""
+        job_id = job_id or new_job_id()
         with redis_errors_as_unavailable():
             await self.queue.add(JOB_NAME, data, self.job_options(job_id, priority))
         return job_id
@@ -119,9 +124,10 @@ class JobQueue:
     async def fetch(self, job_id: str, *, with_logs: bool = False) -> StoredJob:
         """Read one job; raises `JobNotFound` for unknown (or expired) ids."""
         with redis_errors_as_unavailable():
-            job = await Job.fromId(self.queue, job_id) if _valid_id(job_id) else None
-            if job is None:
+            raw = await self.queue.backend.getJobData(job_id) if _valid_id(job_id) else None
+            if not raw:
                 raise JobNotFound(job_id)
+            job = Job.fromJSON(self.queue, raw, job_id)
             state = await self.queue.getJobState(job_id)
             lines: list[str] = []
             if with_logs or state == "failed":  # a failure's reason is in its last attempt
@@ -138,7 +144,28 @@ class JobQueue:
             failed_reason=getattr(job, "failedReason", None),
             return_value=job.returnvalue,
             log_lines=lines,
+            cancel_requested_ms=int(raw[CANCEL_FIELD]) if raw.get(CANCEL_FIELD) else None,
         )
+
+    async def request_cancel(self, job_id: str) -> bool:
+        """Flag a job cancelled and tell the worker holding it, if any. False if already flagged.
+
+        A waiting job is failed as cancelled when a worker takes it (no provider call); a delayed
+        one is promoted so that happens now; an active one is interrupted by its worker.
+        """
+        with redis_errors_as_unavailable():
+            flagged = await self._flag_cancel(
+                keys=[self.queue.toKey(job_id)], args=[CANCEL_FIELD, int(time.time() * 1000)]
+            )
+            if flagged == 0:
+                raise JobNotFound(job_id)
+            if flagged == 2:
+                return False
+            await self.redis.publish(cancel_channel(self.queue.name), job_id)
+            if await self.queue.getJobState(job_id) == "delayed":
+                with contextlib.suppress(Exception):  # it may have moved on meanwhile
+                    await self.queue.backend.promote(job_id)
+        return True
 
     async def ping(self) -> None:
         with redis_errors_as_unavailable():
@@ -146,6 +173,18 @@ class JobQueue:
 
     async def close(self) -> None:
         await self.queue.close()
+
+
+# Set the cancel flag only on a job that exists (HSET would otherwise create a stray hash).
+_FLAG_CANCEL = """
+if redis.call("EXISTS", KEYS[1]) == 0 then return 0 end
+if redis.call("HSETNX", KEYS[1], ARGV[1], ARGV[2]) == 0 then return 2 end
+return 1
+"""
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
 
 
 def _valid_id(job_id: str) -> bool:
@@ -184,12 +223,29 @@ class JobHandle:
     async def log(self, entry: dict[str, Any]) -> None:
         await self._job.log(orjson.dumps(entry).decode())
 
+    async def begin(self, entry: dict[str, Any]) -> bool:
+        """Log the attempt's start and read the cancel flag in one round trip; True if
+        cancellation was requested before this worker could hear about it."""
+        backend = self._job.queue.backend
+        pipe = backend.connection.conn.pipeline(transaction=False)
+        pipe.rpush(backend.toKey(f"{self.id}:logs"), orjson.dumps(entry).decode())
+        pipe.hget(backend.toKey(self.id), CANCEL_FIELD)
+        _, flag = await pipe.execute()
+        return flag is not None
+
     async def hand_back(self) -> None:
         """Return the job to the queue without spending an attempt (used on shutdown)."""
         await self._job.moveToDelayed(int(time.time() * 1000), self._token)
 
 
 Handler = Callable[[JobHandle], Awaitable[dict[str, Any]]]
+
+CANCEL_REQUESTED = "flow: cancel requested"
+
+
+def is_cancel_request(exc: asyncio.CancelledError) -> bool:
+    """True when the cancellation came from a client's cancel, not from a shutdown."""
+    return bool(exc.args) and exc.args[0] == CANCEL_REQUESTED
 
 
 def retry_delay_ms(settings: WorkerSettings, attempts_made: int, err: BaseException) -> int:
@@ -218,9 +274,14 @@ class QueueConsumer:
         self.handler = handler
         self._workers: list[Worker] = []
         self._stopping = False
+        self._closed = asyncio.Event()
+        self._running: dict[str, asyncio.Task[Any]] = {}
 
     async def _process(self, job: Job, token: str) -> dict[str, Any]:
         handle = JobHandle(job, token)
+        task = asyncio.current_task()
+        if task is not None:
+            self._running[handle.id] = task
         try:
             return await self.handler(handle)
         except asyncio.CancelledError:
@@ -232,6 +293,34 @@ class QueueConsumer:
             if not exc.retryable:
                 raise UnrecoverableError(str(exc)) from exc
             raise
+        finally:
+            self._running.pop(handle.id, None)
+
+    def cancel(self, job_id: str) -> bool:
+        """Interrupt the job if this process holds it; the handler sees `is_cancel_request`."""
+        task = self._running.get(job_id)
+        if task is None or task.done():
+            return False
+        task.cancel(CANCEL_REQUESTED)
+        return True
+
+    async def _listen_for_cancels(self) -> None:
+        """Follow the cancel channel until closed, reconnecting after Redis outages."""
+        channel = cancel_channel(self.redis.queue_name)
+        while not self._closed.is_set():
+            client = connect(self.redis)
+            try:
+                async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(channel)
+                    while not self._closed.is_set():
+                        message = await pubsub.get_message(timeout=0.5)
+                        if message is not None:
+                            self.cancel(str(message["data"]))
+            except _REDIS_DOWN as exc:
+                log.warning("cancel channel lost (%s); reconnecting", type(exc).__name__)
+                await asyncio.sleep(0.5)
+            finally:
+                await client.aclose()
 
     def _worker_options(self, slots: int) -> dict[str, Any]:
         s = self.settings
@@ -242,7 +331,7 @@ class QueueConsumer:
             "prefix": self.redis.prefix,
             "lockDuration": s.lock_duration_ms,
             "stalledInterval": s.stalled_interval_ms,
-            "maxStalledCount": 1,
+            "maxStalledCount": s.max_stalled,
             # bullmq's Worker.close() waits up to drainDelay seconds while idle; keep it short.
             "drainDelay": 1,
             "runRetryDelay": 1000,
@@ -262,7 +351,12 @@ class QueueConsumer:
             worker = Worker(self.redis.queue_name, self._process, self._worker_options(slots))
             worker.on("error", _log_worker_error)
             self._workers.append(worker)
-        await asyncio.gather(*(w.run() for w in self._workers))
+        listener = asyncio.create_task(self._listen_for_cancels())
+        try:
+            await asyncio.gather(*(w.run() for w in self._workers))
+        finally:
+            self._closed.set()
+            await listener
 
     @property
     def in_flight(self) -> int:

@@ -31,6 +31,9 @@ class RedisSettings(BaseSettings):
     queue_name: str = Field("flow-ai", description="BullMQ queue name shared by API and workers")
     prefix: str = Field("bull", description="BullMQ key prefix; use '{bull}' on Redis Cluster")
     socket_timeout_s: float = Field(5.0, gt=0, description="Redis command timeout")
+    appendfsync: Literal["everysec", "always"] = Field(
+        "everysec", description="embedded Valkey (`up`): fsync each second, or each write"
+    )
 
 
 class ApiSettings(BaseSettings):
@@ -43,6 +46,7 @@ class ApiSettings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, gt=0, description="larger bodies get 413")
     max_prompt_chars: int = Field(100_000, gt=0, description="longer prompts get 422")
     max_metadata_bytes: int = Field(4096, gt=0, description="size cap on options.metadata")
+    idempotency_ttl_s: int = Field(86_400, ge=1, description="how long an Idempotency-Key holds")
 
 
 class WorkerSettings(BaseSettings):
@@ -58,6 +62,7 @@ class WorkerSettings(BaseSettings):
     retention_s: int = Field(7 * 86_400, ge=60, description="how long finished jobs are kept")
     lock_duration_ms: int = Field(30_000, ge=1000, description="BullMQ lock; renewed at half")
     stalled_interval_ms: int = Field(30_000, ge=1000, description="stalled-job check period")
+    max_stalled: int = Field(3, ge=1, description="crash recoveries before a job fails")
     shutdown_grace_s: float = Field(30.0, ge=0, description="in-flight jobs get this long")
 
 

@@ -9,11 +9,17 @@ from typing import Any
 from pydantic import ValidationError
 
 from flow_api import history
-from flow_api.errors import FlowError, InvalidRequest, ProviderTimeout
+from flow_api.errors import (
+    FlowError,
+    InvalidRequest,
+    JobCancelled,
+    JobExpired,
+    ProviderTimeout,
+)
 from flow_api.models import GenerateRequest
 from flow_api.pipeline import generate
 from flow_api.providers import ProviderRegistry
-from flow_api.queue import JobHandle, QueueConsumer
+from flow_api.queue import JobHandle, QueueConsumer, is_cancel_request
 from flow_api.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,27 +55,35 @@ class FlowWorker:
         provider_name = job.data.get("provider") or request.options.provider
         provider = self.registry.get(provider_name)
         model = job.data.get("model") or provider.resolve_model(request.options.model)
-        await job.log(history.attempt_started(job.attempt, provider.name, model))
+        cancelled = await job.begin(history.attempt_started(job.attempt, provider.name, model))
         timeout = self._timeout_s(request)
         error: FlowError | None = None
         try:
+            if cancelled:
+                raise JobCancelled("cancelled before it started; no provider call was made")
+            _check_deadline(job)
             async with asyncio.timeout(timeout):
                 generation = await generate(provider, model, request)
         except TimeoutError:
             error = ProviderTimeout(f"the provider call exceeded the {timeout:g} s timeout")
+        except asyncio.CancelledError as exc:
+            if not is_cancel_request(exc):
+                raise  # shutdown: the consumer hands the job back
+            _uncancel()
+            error = JobCancelled("cancelled while running; the provider call was aborted")
         except FlowError as exc:
             error = exc
-        finally:
-            if error is not None:
-                await job.log(history.attempt_ended(job.attempt, error))
-                log.info(
-                    "job %s attempt %d/%d failed: %s%s",
-                    job.id,
-                    job.attempt,
-                    job.max_attempts,
-                    error.code,
-                    " (will retry)" if _will_retry(job, error) else "",
-                )
+        if error is not None:
+            await job.log(history.attempt_ended(job.attempt, error))
+            retry = " (will retry)" if _will_retry(job, error) else ""
+            log.info(
+                "job %s attempt %d/%d failed: %s%s",
+                job.id,
+                job.attempt,
+                job.max_attempts,
+                error.code,
+                retry,
+            )
         if error is not None:
             raise error
         await job.log(history.attempt_ended(job.attempt, None))
@@ -80,6 +94,19 @@ class FlowWorker:
         if request.options.timeout_ms is not None:
             return request.options.timeout_ms / 1000
         return self.settings.worker.job_timeout_s
+
+
+def _check_deadline(job: JobHandle) -> None:
+    start_by = job.data.get("startBy")
+    if job.attempt == 1 and isinstance(start_by, int) and history.now_ms() > start_by:
+        late = (history.now_ms() - start_by) / 1000
+        raise JobExpired(f"not started before its deadline (startWithinMs); {late:.1f} s late")
+
+
+def _uncancel() -> None:
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
 
 
 def _will_retry(job: JobHandle, error: FlowError) -> bool:

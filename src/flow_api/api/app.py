@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from flow_api.api.errors import install_error_handlers
 from flow_api.api.limits import BodySizeLimit
 from flow_api.api.routes import generate, health, jobs
+from flow_api.idempotency import IdempotencyStore
 from flow_api.providers import ProviderRegistry, build_registry
 from flow_api.queue import job_queue
 from flow_api.settings import Settings
@@ -25,6 +26,9 @@ def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> 
             app.state.settings = settings
             app.state.queue = queue
             app.state.registry = providers
+            app.state.idempotency = IdempotencyStore(
+                queue.redis, settings.redis.queue_name, settings.api.idempotency_ttl_s
+            )
             try:
                 yield
             finally:

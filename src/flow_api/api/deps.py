@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from flow_api.idempotency import IdempotencyStore
 from flow_api.providers import ProviderRegistry
 from flow_api.queue import JobQueue
 from flow_api.settings import Settings
@@ -21,6 +22,11 @@ def _registry(request: Request) -> ProviderRegistry:
     return registry
 
 
+def _idempotency(request: Request) -> IdempotencyStore:
+    store: IdempotencyStore = request.app.state.idempotency
+    return store
+
+
 def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
@@ -29,3 +35,4 @@ def _settings(request: Request) -> Settings:
 QueueDep = Annotated[JobQueue, Depends(_queue)]
 RegistryDep = Annotated[ProviderRegistry, Depends(_registry)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
+IdempotencyDep = Annotated[IdempotencyStore, Depends(_idempotency)]

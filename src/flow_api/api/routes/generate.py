@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Any
+
 import orjson
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
-from flow_api.api.deps import QueueDep, RegistryDep, SettingsDep
+from flow_api import history
+from flow_api.api.deps import IdempotencyDep, QueueDep, RegistryDep, SettingsDep
 from flow_api.errors import InvalidRequest
 from flow_api.models import GenerateRequest, JobAccepted
+from flow_api.queue import new_job_id
+from flow_api.settings import ApiSettings
 
 router = APIRouter(prefix="/api/ai", tags=["jobs"])
 
+DEFAULT_SCOPE = "default"
 
-@router.post(
-    "/generate",
-    status_code=202,
-    response_model=JobAccepted,
-    summary="Submit a prompt; answers with a job id as soon as the job is durably queued",
-)
-async def submit(
-    body: GenerateRequest, queue: QueueDep, registry: RegistryDep, settings: SettingsDep
-) -> JSONResponse:
-    limits = settings.api
+
+def check_limits(body: GenerateRequest, limits: ApiSettings) -> None:
     if len(body.prompt) > limits.max_prompt_chars:
         raise InvalidRequest(
             f"prompt is {len(body.prompt)} characters; the limit is {limits.max_prompt_chars}",
@@ -34,13 +32,46 @@ async def submit(
             f"options.metadata is over {limits.max_metadata_bytes} bytes of JSON",
             field="options.metadata",
         )
+
+
+@router.post(
+    "/generate",
+    status_code=202,
+    response_model=JobAccepted,
+    summary="Submit a prompt; answers with a job id as soon as the job is durably queued",
+)
+async def submit(
+    body: GenerateRequest,
+    queue: QueueDep,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    idempotency: IdempotencyDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JSONResponse:
+    """With an `Idempotency-Key`, the same key and body return the same job (and create no
+    second one) for `FLOW_API_IDEMPOTENCY_TTL_S`; the same key with another body is a 409."""
+    check_limits(body, settings.api)
     provider, model = registry.resolve(body.options)
-    job_id = await queue.enqueue(
-        {"request": body.wire(), "provider": provider.name, "model": model},
-        priority=body.options.priority,
-    )
-    return JSONResponse(
-        JobAccepted(job_id=job_id).wire(),
-        status_code=202,
-        headers={"Location": f"/api/ai/status/{job_id}"},
-    )
+    data: dict[str, Any] = {"request": body.wire(), "provider": provider.name, "model": model}
+    if body.options.start_within_ms is not None:
+        data["startBy"] = history.now_ms() + body.options.start_within_ms
+    job_id = new_job_id()
+    if idempotency_key is not None:
+        fingerprint = orjson.dumps(body.wire(), option=orjson.OPT_SORT_KEYS)
+        earlier = await idempotency.claim(DEFAULT_SCOPE, idempotency_key, fingerprint, job_id)
+        if earlier is not None:
+            return _accepted(earlier, replayed=True)
+    try:
+        await queue.enqueue(data, priority=body.options.priority, job_id=job_id)
+    except Exception:
+        if idempotency_key is not None:
+            await idempotency.release(DEFAULT_SCOPE, idempotency_key)
+        raise
+    return _accepted(job_id)
+
+
+def _accepted(job_id: str, *, replayed: bool = False) -> JSONResponse:
+    headers = {"Location": f"/api/ai/status/{job_id}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(JobAccepted(job_id=job_id).wire(), status_code=202, headers=headers)

@@ -10,14 +10,24 @@ from fastapi.responses import JSONResponse
 from flow_api import history
 from flow_api.api.deps import QueueDep
 from flow_api.api.errors import error_response
+from flow_api.errors import JobAlreadyFinished
 from flow_api.models import JobRecord, JobResult, JobStatus, JobView
 
 router = APIRouter(prefix="/api/ai", tags=["jobs"])
 
 _PENDING: dict[int | str, dict[str, Any]] = {
     202: {"model": JobView, "description": "not finished yet; poll again (see Retry-After)"},
-    409: {"description": "the job failed: `error.code` is `job_failed`, `error.cause` says why"},
+    409: {
+        "description": "the job ended without a result: `error.code` is `job_failed`, "
+        "`job_cancelled` or `job_expired`; `error.cause` says why"
+    },
     404: {"description": "unknown or expired job id"},
+}
+
+
+_CANCEL: dict[int | str, dict[str, Any]] = {
+    404: _PENDING[404],
+    409: {"description": "`job_already_finished`: nothing left to cancel"},
 }
 
 
@@ -39,13 +49,36 @@ async def result(job_id: str, queue: QueueDep) -> JSONResponse:
             job_id=job_id, status=view.status, result=generation, metadata=view.metadata
         )
         return JSONResponse(answer.wire())
-    if view.status is JobStatus.FAILED:
+    if view.status.finished:
         cause = view.error.wire() if view.error else None
-        message = f"the job failed: {view.error.message}" if view.error else "the job failed"
+        reason = view.error.message if view.error else "no result"
         return error_response(
-            409, "job_failed", message, {"cause": cause, "jobId": job_id, "status": "failed"}
+            409,
+            f"job_{view.status.value}",
+            f"the job is {view.status.value}: {reason}",
+            {"cause": cause, "jobId": job_id, "status": view.status.value},
         )
     return JSONResponse(view.wire(), status_code=202, headers={"Retry-After": "1"})
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobView, responses=_CANCEL)
+async def cancel(job_id: str, queue: QueueDep) -> JSONResponse:
+    """Cancel a waiting or active job (on whichever worker holds it; its provider call is
+    aborted). 409 `job_already_finished` when it already completed, failed, expired or was
+    cancelled."""
+    job = await queue.fetch(job_id)
+    status = history.status_of(job)
+    if status.finished:
+        raise JobAlreadyFinished(f"the job is already {status.value}")
+    if not await queue.request_cancel(job_id):
+        raise JobAlreadyFinished("the job is already cancelled")
+    return JSONResponse(history.view_of(await queue.fetch(job_id)).wire())
+
+
+@router.delete("/jobs/{job_id}", response_model=JobView, responses=_CANCEL)
+async def delete(job_id: str, queue: QueueDep) -> JSONResponse:
+    """The same as `POST /api/ai/jobs/{jobId}/cancel`."""
+    return await cancel(job_id, queue)
 
 
 @router.get("/jobs/{job_id}", response_model=JobRecord, responses={404: _PENDING[404]})
