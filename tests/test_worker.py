@@ -59,6 +59,7 @@ async def test_non_retryable_error_fails_at_once(
         "code": "provider_auth_failed",
         "message": "bad key",
         "retryable": False,
+        "attempts": 1,
     }
     status = (await api.client.get(f"/api/ai/status/{record['jobId']}")).json()
     assert status["error"]["code"] == "provider_auth_failed"
