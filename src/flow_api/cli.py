@@ -1,4 +1,4 @@
-"""`flow-api up | api | worker | check`: parse, build Settings, call `service`."""
+"""`flow-api up | api | worker | check | keys`: parse, build Settings, call `service`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 import uvloop
 
 from flow_api import service
+from flow_api.auth import commands as key_commands
+from flow_api.auth.exposure import InsecureBinding
 from flow_api.settings import Settings
 
 
@@ -26,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     api.add_argument("--reload", action="store_true", help="restart on code change (dev)")
     sub.add_parser("worker", help="a queue worker (production)")
     sub.add_parser("check", help="exit 1 unless Redis and a provider are usable")
+    key_commands.add_commands(sub)
     return parser
 
 
@@ -43,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for chatty in ("httpx", "httpx2", "httpcore", "openai", "anthropic"):  # a line per request
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.root.level))
     if getattr(args, "port", None) is not None:
         settings.api.port = args.port
     if getattr(args, "host", None):
@@ -64,12 +69,14 @@ def main(argv: list[str] | None = None) -> int:
             uvloop.run(service.run_worker(settings))
         elif args.command == "up":
             uvloop.run(service.run_up(settings, args.data_dir))
+        elif args.command == "keys":
+            return key_commands.run(args, settings)
         else:
             problems = asyncio.run(service.check(settings))
             for problem in problems:
                 print(f"not ok: {problem}", file=sys.stderr)
             return 1 if problems else 0
-    except service.NoProviderError as exc:
+    except (service.NoProviderError, InsecureBinding) as exc:
         print(f"flow-api: {exc}", file=sys.stderr)
         return 2
     return 0

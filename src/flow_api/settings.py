@@ -157,7 +157,6 @@ class AuthSettings(BaseSettings):
     allow_unauthenticated: bool = Field(
         False, description="serve beyond loopback without keys (behind a trusted gateway only)"
     )
-    default_tenant: str = Field("default", description="every request's tenant while auth is off")
     requests_per_minute: int = Field(600, ge=0, description="submits per key; 0 = unlimited")
     rate_window_s: int = Field(60, ge=1, description="the window requests_per_minute counts over")
     tokens_per_day: int = Field(1_000_000, ge=0, description="tokens per key; 0 = unlimited")

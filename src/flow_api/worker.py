@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from flow_api import history
+from flow_api.auth.metering import UsageMeter
 from flow_api.errors import (
     FlowError,
     InvalidRequest,
@@ -31,7 +32,10 @@ class FlowWorker:
     def __init__(self, settings: Settings, registry: ProviderRegistry) -> None:
         self.settings = settings
         self.registry = registry
-        self.consumer = QueueConsumer(settings.redis, settings.worker, self.process)
+        self.meter = UsageMeter(settings)  # settles each job's token quota reservation
+        self.consumer = QueueConsumer(
+            settings.redis, settings.worker, self.meter.metered(self.process)
+        )
 
     async def run(self) -> None:
         log.info(
@@ -41,7 +45,8 @@ class FlowWorker:
             ", ".join(self.registry.names) or "none",
             self.registry.default,
         )
-        await self.consumer.run()
+        async with self.meter:
+            await self.consumer.run()
 
     async def stop(self) -> None:
         await self.consumer.stop()

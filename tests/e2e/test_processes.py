@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,54 +13,7 @@ import pytest
 from flow_api.embedded import free_port
 from flow_api.settings import Settings
 from tests.conftest import Api
-
-
-def flow_api(*args: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "flow_api.cli", *args],
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-
-
-def stop(
-    process: subprocess.Popen[bytes], timeout_s: float = 20, *, interrupt: bool = True
-) -> tuple[int, str]:
-    if interrupt and process.poll() is None:
-        process.send_signal(signal.SIGINT)
-    try:
-        output, _ = process.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-        raise AssertionError(f"process did not stop in {timeout_s} s:\n{output.decode()}") from None
-    return process.returncode, output.decode()
-
-
-def env_for(settings: Settings) -> dict[str, str]:
-    return {
-        "FLOW_REDIS_URL": settings.redis.url,
-        "FLOW_REDIS_QUEUE_NAME": settings.redis.queue_name,
-        "FLOW_PROVIDER_FAKE_ENABLED": "true",
-        "FLOW_PROVIDER_DEFAULT": "fake",
-        "FLOW_LOCAL_ENABLED": "false",
-        "FLOW_WORKER_CONCURRENCY": "50",
-    }
-
-
-async def wait_healthy(base: str, process: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    async with httpx.AsyncClient(base_url=base) as client:
-        while asyncio.get_running_loop().time() < deadline:
-            assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
-            try:
-                if (await client.get("/healthz")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("service did not become healthy")
+from tests.processes import env_for, flow_api, stop, wait_healthy
 
 
 @pytest.fixture

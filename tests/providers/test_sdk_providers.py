@@ -43,18 +43,7 @@ FINISH = {
 }
 
 # Known gaps in the providers' error mapping, reported to the lead; strict, so a fix shows up.
-KNOWN_GAPS = {
-    ("openai", "reset"): "the SDK's aiohttp transport turns a dropped connection into "
-    "APITimeoutError (ConnectTimeout); sdk_errors.map_sdk_error reports ProviderTimeout",
-    ("azure", "reset"): "as openai: a dropped connection is reported as ProviderTimeout",
-    ("anthropic", "ctx"): "Anthropic errors carry no `code`; map_sdk_error ignores LangChain's "
-    "ContextOverflowError, so a too-long prompt becomes ProviderRejected",
-    **{
-        (family, "malformed"): "the SDK lets json.JSONDecodeError escape for a non-JSON 200 "
-        "body; map_sdk_error returns None for it"
-        for family in FAMILIES
-    },
-}
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 ProviderFactory = Callable[[str, float], Provider]
 

@@ -10,6 +10,9 @@ from fastapi import FastAPI
 from flow_api.api.errors import install_error_handlers
 from flow_api.api.limits import BodySizeLimit
 from flow_api.api.routes import generate, health, jobs
+from flow_api.api.security import install_security
+from flow_api.auth.access import AccessControl
+from flow_api.auth.exposure import check_exposure
 from flow_api.idempotency import IdempotencyStore
 from flow_api.providers import ProviderRegistry, build_registry
 from flow_api.queue import job_queue
@@ -17,7 +20,9 @@ from flow_api.settings import Settings
 
 
 def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> FastAPI:
-    """Build the API. Nothing connects until the lifespan starts."""
+    """Build the API. Nothing connects until the lifespan starts. Raises `InsecureBinding`
+    when it would serve beyond loopback without authentication."""
+    check_exposure(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -29,6 +34,7 @@ def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> 
             app.state.idempotency = IdempotencyStore(
                 queue.redis, settings.redis.queue_name, settings.api.idempotency_ttl_s
             )
+            app.state.access = AccessControl(settings.auth, queue.redis, settings.redis.queue_name)
             try:
                 yield
             finally:
@@ -43,6 +49,7 @@ def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> 
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_body_bytes)
+    install_security(app, settings.auth)
     for module in (generate, jobs, health):
         app.include_router(module.router)
     return app

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from flow_api.api.security import API_HEADERS
 from flow_api.errors import FlowError
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,8 @@ async def _flow(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, FlowError)
     if exc.status >= 500:
         log.warning("%s: %s", exc.code, exc.message)
-    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    headers = {"Retry-After": "1"} if exc.status == 503 else {}
+    headers.update(exc.headers())  # Retry-After of a 429, WWW-Authenticate of a 401
     return error_response(
         exc.status,
         exc.code,
@@ -96,7 +98,10 @@ async def _http(_: Request, exc: Exception) -> JSONResponse:
 
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error: %s", type(exc).__name__)
-    return error_response(500, "internal_error", "an unexpected error occurred")
+    # Starlette sends this answer outside every middleware: add the security headers here.
+    return error_response(
+        500, "internal_error", "an unexpected error occurred", headers=API_HEADERS
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -170,12 +170,17 @@ def cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+def thread_count(settings: LocalSettings) -> int:
+    """llama.cpp threads per instance: `settings.threads`, else the cores shared by instances."""
+    return settings.threads or max(1, cpu_count() // settings.instances)
+
+
 def load_model(settings: LocalSettings) -> LoadedModel:
     """Resolve, check and load the GGUF (blocking: seconds on the first run)."""
     import llama_cpp
 
     path = gguf.resolve_model_file(settings)
-    threads = settings.threads or max(1, cpu_count() // settings.instances)
+    threads = thread_count(settings)
     started = time.perf_counter()
     try:
         llm = llama_cpp.Llama(

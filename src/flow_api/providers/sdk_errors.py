@@ -7,6 +7,9 @@ import json
 import time
 from typing import Any
 
+import aiohttp
+from langchain_core.exceptions import ContextOverflowError
+
 from flow_api.errors import (
     ContentFiltered,
     ContextTooLong,
@@ -17,6 +20,7 @@ from flow_api.errors import (
     ProviderTimeout,
     ProviderUnavailable,
 )
+from flow_api.redaction import redact_secrets
 
 _CONTEXT_CODES = frozenset({"context_length_exceeded", "string_above_max_length"})
 _FILTER_CODES = frozenset({"content_filter", "content_policy_violation"})
@@ -44,6 +48,8 @@ def retry_after_seconds(headers: Any) -> float | None:
 
 def map_sdk_error(exc: BaseException, sdk: Any) -> ProviderError | None:
     """Translate an exception of the `openai` or `anthropic` module `sdk`; None if not its own."""
+    if isinstance(exc, ContextOverflowError):  # LangChain's own type (Anthropic has no code)
+        return ContextTooLong(f"the prompt is too long for the model: {str(exc)[:500]}")
     if isinstance(exc, json.JSONDecodeError):  # the SDKs let a malformed 200 body through as is
         return ProviderUnavailable(f"the provider sent a malformed answer: {exc.msg}")
     if isinstance(exc, sdk.APITimeoutError) and not _refused(exc):
@@ -74,19 +80,22 @@ def map_sdk_error(exc: BaseException, sdk: Any) -> ProviderError | None:
 
 
 def _refused(exc: BaseException) -> bool:
-    # The SDK's aiohttp transport reports a refused connection as a connect *timeout*; the
-    # chained causes keep the real ConnectionRefusedError.
+    # The SDK's aiohttp transport reports every connection failure as a connect *timeout*; the
+    # chained causes keep the real one (ConnectionRefusedError, ServerDisconnectedError).
     seen: BaseException | None = exc
     for _ in range(8):
         if seen is None:
             return False
         if isinstance(seen, ConnectionRefusedError):
             return True
+        if isinstance(seen, aiohttp.ClientConnectionError) and not isinstance(seen, TimeoutError):
+            return True  # refused, reset or dropped: the provider is not answering at all
         seen = seen.__cause__ or seen.__context__
     return False
 
 
 def _detail(exc: Any) -> str:
-    # The SDK's message carries the provider's error text, never the request headers or key.
+    # The SDK's message carries the provider's error text, never the request headers; but a
+    # 401's text may quote the (masked) key, so credential-shaped text is scrubbed.
     message = str(getattr(exc, "message", "") or exc)
-    return message[:500]
+    return redact_secrets(message)[:500]

@@ -9,15 +9,16 @@ from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
 from flow_api import history
+from flow_api.api.auth import AccessDep, SubmitterDep
 from flow_api.api.deps import IdempotencyDep, QueueDep, RegistryDep, SettingsDep
+from flow_api.auth.principal import TENANT_FIELD
+from flow_api.auth.quota import CHARGE_FIELD
 from flow_api.errors import InvalidRequest
 from flow_api.models import GenerateRequest, JobAccepted
 from flow_api.queue import new_job_id
 from flow_api.settings import ApiSettings
 
 router = APIRouter(prefix="/api/ai", tags=["jobs"])
-
-DEFAULT_SCOPE = "default"
 
 
 def check_limits(body: GenerateRequest, limits: ApiSettings) -> None:
@@ -46,6 +47,8 @@ async def submit(
     registry: RegistryDep,
     settings: SettingsDep,
     idempotency: IdempotencyDep,
+    principal: SubmitterDep,
+    access: AccessDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JSONResponse:
     """With an `Idempotency-Key`, the same key and body return the same job (and create no
@@ -53,19 +56,22 @@ async def submit(
     check_limits(body, settings.api)
     provider, model = registry.resolve(body.options)
     data: dict[str, Any] = {"request": body.wire(), "provider": provider.name, "model": model}
+    data[TENANT_FIELD] = principal.tenant
     if body.options.start_within_ms is not None:
         data["startBy"] = history.now_ms() + body.options.start_within_ms
     job_id = new_job_id()
     if idempotency_key is not None:
         fingerprint = orjson.dumps(body.wire(), option=orjson.OPT_SORT_KEYS)
-        earlier = await idempotency.claim(DEFAULT_SCOPE, idempotency_key, fingerprint, job_id)
+        earlier = await idempotency.claim(principal.tenant, idempotency_key, fingerprint, job_id)
         if earlier is not None:
             return _accepted(earlier, replayed=True)
     try:
+        data[CHARGE_FIELD] = await access.reserve_tokens(principal, body)  # or 429
         await queue.enqueue(data, priority=body.options.priority, job_id=job_id)
     except Exception:
+        await access.refund(data.get(CHARGE_FIELD))
         if idempotency_key is not None:
-            await idempotency.release(DEFAULT_SCOPE, idempotency_key)
+            await idempotency.release(principal.tenant, idempotency_key)
         raise
     return _accepted(job_id)
 

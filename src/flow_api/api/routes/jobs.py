@@ -8,8 +8,10 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from flow_api import history
+from flow_api.api.auth import ReaderDep, WriterDep
 from flow_api.api.deps import QueueDep
 from flow_api.api.errors import error_response
+from flow_api.auth.principal import ensure_owner
 from flow_api.errors import JobAlreadyFinished
 from flow_api.models import JobRecord, JobResult, JobStatus, JobView
 
@@ -32,16 +34,16 @@ _CANCEL: dict[int | str, dict[str, Any]] = {
 
 
 @router.get("/status/{job_id}", response_model=JobView, responses={404: _PENDING[404]})
-async def status(job_id: str, queue: QueueDep) -> JSONResponse:
+async def status(job_id: str, queue: QueueDep, principal: ReaderDep) -> JSONResponse:
     """Where a job is: waiting, active, completed or failed, with attempts and timings."""
-    job = await queue.fetch(job_id)
+    job = ensure_owner(await queue.fetch(job_id), principal)
     return JSONResponse(history.view_of(job).wire())
 
 
 @router.get("/result/{job_id}", response_model=JobResult, responses=_PENDING)
-async def result(job_id: str, queue: QueueDep) -> JSONResponse:
+async def result(job_id: str, queue: QueueDep, principal: ReaderDep) -> JSONResponse:
     """200 with the generation once completed; 202 while pending; 409 when failed."""
-    job = await queue.fetch(job_id)
+    job = ensure_owner(await queue.fetch(job_id), principal)
     view = history.view_of(job)
     generation = history.generation_of(job)
     if view.status is JobStatus.COMPLETED and generation is not None:
@@ -62,11 +64,11 @@ async def result(job_id: str, queue: QueueDep) -> JSONResponse:
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobView, responses=_CANCEL)
-async def cancel(job_id: str, queue: QueueDep) -> JSONResponse:
+async def cancel(job_id: str, queue: QueueDep, principal: WriterDep) -> JSONResponse:
     """Cancel a waiting or active job (on whichever worker holds it; its provider call is
     aborted). 409 `job_already_finished` when it already completed, failed, expired or was
     cancelled."""
-    job = await queue.fetch(job_id)
+    job = ensure_owner(await queue.fetch(job_id), principal)
     status = history.status_of(job)
     if status.finished:
         raise JobAlreadyFinished(f"the job is already {status.value}")
@@ -76,13 +78,13 @@ async def cancel(job_id: str, queue: QueueDep) -> JSONResponse:
 
 
 @router.delete("/jobs/{job_id}", response_model=JobView, responses=_CANCEL)
-async def delete(job_id: str, queue: QueueDep) -> JSONResponse:
+async def delete(job_id: str, queue: QueueDep, principal: WriterDep) -> JSONResponse:
     """The same as `POST /api/ai/jobs/{jobId}/cancel`."""
-    return await cancel(job_id, queue)
+    return await cancel(job_id, queue, principal)
 
 
 @router.get("/jobs/{job_id}", response_model=JobRecord, responses={404: _PENDING[404]})
-async def record(job_id: str, queue: QueueDep) -> JSONResponse:
+async def record(job_id: str, queue: QueueDep, principal: ReaderDep) -> JSONResponse:
     """The whole record: request, outcome, every attempt, log lines and timings."""
-    job = await queue.fetch(job_id, with_logs=True)
+    job = ensure_owner(await queue.fetch(job_id, with_logs=True), principal)
     return JSONResponse(history.record_of(job).wire())

@@ -1,0 +1,1 @@
+"""Flow API: an asynchronous LLM job service (BullMQ on Redis/Valkey, LangChain providers)."""

@@ -1,0 +1,74 @@
+"""`AccessControl`: from a request's `Authorization` header to a `Principal`, and the per-key
+limits a submit must pass (requests per window, then tokens per day)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+from redis.asyncio import Redis
+
+from flow_api.auth.api_keys import ApiKey, ApiKeyStore
+from flow_api.auth.principal import ANONYMOUS, Principal
+from flow_api.auth.quota import Charge, TokenQuota, estimate_tokens
+from flow_api.auth.rate import SubmitRateLimiter
+from flow_api.errors import FlowError, Unauthorized
+from flow_api.models import GenerateRequest
+from flow_api.settings import AuthSettings
+
+log = logging.getLogger(__name__)
+
+
+class AccessControl:
+    """Authentication and per-key limits for one API process. Holds no state of its own."""
+
+    def __init__(self, settings: AuthSettings, redis: Redis, queue_name: str) -> None:
+        self.settings = settings
+        self.keys = ApiKeyStore(redis, queue_name)
+        self.rate = SubmitRateLimiter(redis, queue_name, settings.rate_window_s)
+        self.quota = TokenQuota(redis, queue_name, settings.quota_window_s)
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """The caller, or `Unauthorized`. While auth is off, everyone is `ANONYMOUS`."""
+        if not self.settings.enabled:
+            return ANONYMOUS
+        if not authorization:
+            raise Unauthorized("send an API key: `Authorization: Bearer <key>`")
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("the Authorization header must be `Bearer <key>`")
+        key = await self.keys.find(token.strip())
+        if key is None:
+            raise Unauthorized("the API key is not valid (unknown, revoked or expired)")
+        return self.principal_of(key)
+
+    def principal_of(self, key: ApiKey) -> Principal:
+        rpm, tpd = key.requests_per_minute, key.tokens_per_day
+        return Principal(
+            tenant=key.tenant,
+            scopes=key.scopes,
+            key_id=key.id,
+            requests_per_minute=self.settings.requests_per_minute if rpm is None else rpm,
+            tokens_per_day=self.settings.tokens_per_day if tpd is None else tpd,
+        )
+
+    async def admit_submit(self, principal: Principal) -> None:
+        """Count a submit against the key's request rate; raises `RateLimited`."""
+        await self.rate.hit(principal)
+
+    async def reserve_tokens(
+        self, principal: Principal, request: GenerateRequest
+    ) -> dict[str, Any] | None:
+        """Reserve the request's estimated tokens (raises `QuotaExhausted` before anything is
+        queued); returns the reservation to store in the job's data under `CHARGE_FIELD`."""
+        tokens = estimate_tokens(request, self.settings.estimate_completion_tokens)
+        charge = await self.quota.reserve(principal, tokens)
+        return charge.model_dump() if charge is not None else None
+
+    async def refund(self, reservation: dict[str, Any] | None) -> None:
+        """Return a reservation whose job was never queued (best effort: Redis may be down)."""
+        if reservation is None:
+            return
+        with contextlib.suppress(FlowError):
+            await self.quota.settle(Charge.model_validate(reservation), 0)

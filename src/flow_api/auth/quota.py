@@ -1,0 +1,104 @@
+"""Tokens per key per day: reserved at submit from an estimate, settled with the real usage.
+
+Why a small Lua script and not the `limits` library here: a quota needs "refuse without
+counting when the estimate does not fit" and a later correction by (actual - estimate) in the
+same window, which no rate-limit strategy offers. Windows are aligned to the epoch (UTC
+midnight for the default day); a counter lives two windows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from pydantic import BaseModel, ConfigDict
+from redis.asyncio import Redis
+
+from flow_api.auth.principal import Principal
+from flow_api.errors import QuotaExhausted
+from flow_api.keys import token_quota_key
+from flow_api.models import GenerateRequest
+from flow_api.queue import redis_errors_as_unavailable
+
+CHARGE_FIELD = "tokenCharge"
+"""The field of a job's data holding its reservation, for the worker to settle."""
+
+CHARS_PER_TOKEN = 4
+
+# Reserve ARGV[2] tokens if they fit under the limit ARGV[1]; returns {admitted, used}.
+_RESERVE = """
+local used = tonumber(redis.call("GET", KEYS[1]) or "0")
+local cost = tonumber(ARGV[2])
+if used + cost > tonumber(ARGV[1]) then return {0, used} end
+redis.call("INCRBY", KEYS[1], cost)
+redis.call("EXPIRE", KEYS[1], ARGV[3])
+return {1, used + cost}
+"""
+
+# Add ARGV[1] (may be negative) to a window that still exists; never below zero.
+_SETTLE = """
+if redis.call("EXISTS", KEYS[1]) == 0 then return 0 end
+if redis.call("INCRBY", KEYS[1], ARGV[1]) < 0 then redis.call("SET", KEYS[1], 0, "KEEPTTL") end
+return 1
+"""
+
+
+class Charge(BaseModel):
+    """Tokens reserved for one job in one key's quota window."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key_id: str
+    window: int
+    tokens: int
+
+
+def estimate_tokens(request: GenerateRequest, default_completion: int) -> int:
+    """What a request may spend: prompt and system text at ~4 characters a token, plus its
+    `maxTokens` (or `default_completion` when unset)."""
+    chars = len(request.prompt) + len(request.options.system or "")
+    completion = request.options.max_tokens or default_completion
+    return math.ceil(chars / CHARS_PER_TOKEN) + completion
+
+
+class TokenQuota:
+    """The per-key token ledger shared by API processes (reserve) and workers (settle)."""
+
+    def __init__(self, redis: Redis, queue_name: str, window_s: int) -> None:
+        self.queue_name = queue_name
+        self.window_s = window_s
+        self._reserve = redis.register_script(_RESERVE)
+        self._settle = redis.register_script(_SETTLE)
+
+    async def reserve(self, principal: Principal, tokens: int) -> Charge | None:
+        """Reserve `tokens` of the key's quota, or raise `QuotaExhausted`. None when the key
+        has no quota (or auth is off): nothing to settle later."""
+        limit = principal.tokens_per_day
+        if principal.key_id is None or limit <= 0:
+            return None
+        now = time.time()
+        window = int(now // self.window_s)
+        key = token_quota_key(self.queue_name, principal.key_id, window)
+        with redis_errors_as_unavailable():
+            admitted, used = await self._reserve(
+                keys=[key], args=[limit, tokens, 2 * self.window_s]
+            )
+        if admitted:
+            return Charge(key_id=principal.key_id, window=window, tokens=tokens)
+        if tokens > limit:
+            message = (
+                f"this request may use up to {tokens} tokens, more than the key's whole quota "
+                f"of {limit}; lower options.maxTokens or shorten the prompt"
+            )
+        else:
+            message = (
+                f"the key's token quota is spent ({used} of {limit} in this "
+                f"{self.window_s} s window; this request needs up to {tokens})"
+            )
+        raise QuotaExhausted(message, retry_after=(window + 1) * self.window_s - now)
+
+    async def settle(self, charge: Charge, used: int) -> None:
+        """Replace a job's reservation by the tokens it really used (0 refunds it)."""
+        key = token_quota_key(self.queue_name, charge.key_id, charge.window)
+        with redis_errors_as_unavailable():
+            await self._settle(keys=[key], args=[used - charge.tokens])

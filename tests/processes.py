@@ -1,0 +1,72 @@
+"""Start, signal and stop real `flow-api` processes in tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+import orjson
+from pydantic import SecretStr
+
+from flow_api.settings import SECTIONS, Settings
+
+
+def flow_api(*args: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flow_api.cli", *args],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def stop(
+    process: subprocess.Popen[bytes], timeout_s: float = 20, *, interrupt: bool = True
+) -> tuple[int, str]:
+    if interrupt and process.poll() is None:
+        process.send_signal(signal.SIGINT)
+    try:
+        output, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        raise AssertionError(f"process did not stop in {timeout_s} s:\n{output.decode()}") from None
+    return process.returncode, output.decode()
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process build the same `Settings`."""
+    env: dict[str, str] = {"FLOW_LOG_LEVEL": settings.log_level}
+    for section in SECTIONS:
+        values = getattr(settings, section)
+        prefix = values.model_config["env_prefix"]
+        for name in type(values).model_fields:
+            value = getattr(values, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            elif isinstance(value, list):
+                value = orjson.dumps(value).decode()
+            env[prefix + name.upper()] = str(value)
+    return env
+
+
+async def wait_healthy(base: str, process: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    async with httpx.AsyncClient(base_url=base) as client:
+        while asyncio.get_running_loop().time() < deadline:
+            assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
+            try:
+                if (await client.get("/healthz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("service did not become healthy")

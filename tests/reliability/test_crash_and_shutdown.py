@@ -1,0 +1,152 @@
+"""Real worker processes killed, stopped and recovered while the simulator counts provider calls.
+
+Every scenario prints its figures (`pytest -s` shows them); the README's Reliability section
+quotes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from flow_api.settings import Settings
+from flow_api.testing import Simulator
+from tests.conftest import Api
+from tests.processes import env_for, flow_api, stop
+
+
+def worker_env(settings: Settings, **overrides: str) -> dict[str, str]:
+    return {**env_for(settings), **overrides}
+
+
+@pytest.fixture
+def fast_locks(settings: Settings) -> Iterator[Settings]:
+    # Shorter locks so crash recovery happens within the test's time; production uses 30 s.
+    # (3 s proved too short on a loaded 2-core machine: renewals lagged and healthy jobs were
+    # taken for stalled — exactly the failure the lock settings must avoid.)
+    settings.worker.lock_duration_ms = 10_000
+    settings.worker.stalled_interval_ms = 2000
+    settings.worker.concurrency = 400
+    settings.worker.job_timeout_s = 60
+    yield settings
+
+
+async def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def statuses(api: Api, ids: list[str]) -> list[dict[str, Any]]:
+    return [(await api.client.get(f"/api/ai/status/{i}")).json() for i in ids]
+
+
+async def test_sigkill_with_hundreds_in_flight_loses_nothing(
+    api: Api, fast_locks: Settings, simulator: Simulator
+) -> None:
+    simulator.config.latency_s = 2.0
+    total = 300
+    ids = list(
+        await asyncio.gather(*(api.submit(f"[[sim:c{i}:ok]] crash {i}") for i in range(total)))
+    )
+    doomed = flow_api("worker", env=worker_env(fast_locks))
+    try:
+        await wait_until(lambda: simulator.stats.in_flight >= 250, 30, "calls in flight")
+        in_flight_at_crash = simulator.stats.in_flight
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(10)
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+    rescuer = flow_api("worker", env=worker_env(fast_locks))
+    try:
+        for job_id in ids:
+            assert (await api.wait(job_id, timeout_s=60))["status"] == "completed"
+    finally:
+        code, output = stop(rescuer)
+    assert code == 0, output
+    calls = simulator.stats.by_key
+    duplicated = sum(n - 1 for n in calls.values() if n > 1)
+    assert set(calls) == {f"c{i}" for i in range(total)}
+    assert duplicated <= in_flight_at_crash
+    print(
+        f"\nworker SIGKILL: submitted {total}, completed {total}, lost 0, "
+        f"in flight at the crash {in_flight_at_crash}, provider calls run twice {duplicated}"
+    )
+
+
+async def test_a_slow_healthy_call_is_not_run_twice(
+    api: Api, fast_locks: Settings, simulator: Simulator
+) -> None:
+    # The call lasts more than three lock durations; lock renewal must keep it ours while a
+    # second worker's stalled-job check runs every second.
+    workers = [flow_api("worker", env=worker_env(fast_locks)) for _ in range(2)]
+    try:
+        job_id = await api.submit("[[sim:slow:hang@10]] slow but fine", timeoutMs=30_000)
+        assert (await api.wait(job_id, timeout_s=40))["status"] == "completed"
+    finally:
+        outputs = [stop(w) for w in workers]
+    assert all(code == 0 for code, _ in outputs), outputs
+    assert simulator.stats.by_key["slow"] == 1
+
+
+async def test_sigterm_lets_in_flight_jobs_finish(
+    api: Api, settings: Settings, simulator: Simulator
+) -> None:
+    worker = flow_api("worker", env=worker_env(settings, FLOW_WORKER_SHUTDOWN_GRACE_S="20"))
+    ids = [await api.submit(f"[[sim:t{i}:hang@2]] finish me") for i in range(20)]
+    await wait_until(lambda: simulator.stats.in_flight == 20, 20, "20 calls in flight")
+    started = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    code, output = stop(worker, timeout_s=30, interrupt=False)
+    took = time.monotonic() - started
+    assert code == 0, output
+    assert [s["status"] for s in await statuses(api, ids)] == ["completed"] * 20
+    assert all(simulator.stats.by_key[f"t{i}"] == 1 for i in range(20))
+    print(f"\nSIGTERM with 20 in flight: all completed, exit after {took:.2f} s")
+
+
+async def test_sigterm_past_the_grace_period_hands_jobs_back(
+    api: Api, settings: Settings, simulator: Simulator
+) -> None:
+    env = worker_env(settings, FLOW_WORKER_SHUTDOWN_GRACE_S="1")
+    worker = flow_api("worker", env=env)
+    ids = [await api.submit(f"[[sim:h{i}:hang@60,ok]] too slow") for i in range(10)]
+    await wait_until(lambda: simulator.stats.in_flight == 10, 20, "10 calls in flight")
+    started = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    code, output = stop(worker, timeout_s=15, interrupt=False)
+    took = time.monotonic() - started
+    assert code == 0, output
+    assert took < 5
+    views = await statuses(api, ids)
+    assert [v["status"] for v in views] == ["waiting"] * 10, "nothing may be left active"
+    assert [v["attempts"] for v in views] == [0] * 10, "a hand-back must not burn an attempt"
+
+    successor = flow_api("worker", env=env)
+    try:
+        for job_id in ids:
+            assert (await api.wait(job_id, timeout_s=30))["status"] == "completed"
+    finally:
+        stop(successor)
+    print(f"\nSIGTERM past a 1 s grace: 10 handed back, exit after {took:.2f} s, all completed")
+
+
+async def test_an_idle_worker_stops_fast(api: Api, settings: Settings) -> None:
+    worker = flow_api("worker", env=worker_env(settings))
+    job_id = await api.submit("warm up")
+    assert (await api.wait(job_id))["status"] == "completed"
+    await asyncio.sleep(1.5)  # idle, blocked waiting for jobs
+    started = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    code, output = stop(worker, timeout_s=10, interrupt=False)
+    took = time.monotonic() - started
+    assert code == 0, output
+    assert took < 2.0, f"idle shutdown took {took:.2f} s"
+    print(f"\nidle worker SIGTERM → exit in {took:.2f} s")

@@ -1,0 +1,132 @@
+"""Per-key limits over real HTTP and a real Valkey: submits per window (429 `rate_limited`) and
+tokens per day (429 `quota_exhausted`, refused before any provider call), and their recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from flow_api.auth.api_keys import ApiKeyStore
+from flow_api.embedded import EmbeddedValkey
+from flow_api.keys import token_quota_key
+from flow_api.settings import AuthSettings, Settings
+from flow_api.testing.simulator import Simulator
+from flow_api.worker import FlowWorker
+from tests.security.conftest import Caller, KeyMaker, simulated_settings
+
+RATE = AuthSettings(enabled=True, requests_per_minute=3, rate_window_s=1)
+QUOTA = AuthSettings(enabled=True, tokens_per_day=100, quota_window_s=3600)
+SHORT_QUOTA = AuthSettings(enabled=True, tokens_per_day=100, quota_window_s=2)
+
+
+@pytest.fixture
+def settings(valkey: EmbeddedValkey, simulator: Simulator, auth_settings: AuthSettings) -> Settings:
+    return simulated_settings(valkey, simulator, auth_settings, "sk-test-limits")
+
+
+def assert_429(answer: httpx.Response, code: str, max_wait_s: int) -> int:
+    assert answer.status_code == 429, answer.text
+    assert answer.json()["error"]["code"] == code
+    retry_after = int(answer.headers["retry-after"])
+    assert 1 <= retry_after <= max_wait_s
+    return retry_after
+
+
+async def ledger(store: ApiKeyStore, settings: Settings, caller: Caller) -> int:
+    window = int(time.time() // settings.auth.quota_window_s)
+    key = token_quota_key(settings.redis.queue_name, caller.record.id, window)
+    return int(await store.redis.get(key) or 0)
+
+
+@pytest.mark.parametrize("auth_settings", [RATE], indirect=True)
+async def test_submit_rate_is_limited_per_key_and_recovers_after_the_window(
+    caller: KeyMaker,
+) -> None:
+    busy, calm = await caller("acme"), await caller("acme")
+    for i in range(3):
+        await busy.submit(f"burst {i}")
+    refused = await busy.post("/api/ai/generate", {"prompt": "one too many"})
+    assert_429(refused, "rate_limited", 1)
+    assert "3 requests per 1 s" in refused.json()["error"]["message"]
+    await calm.submit("another key has its own budget")
+    job_id = await calm.submit("reads are not counted")
+    for _ in range(5):
+        assert (await busy.get(f"/api/ai/status/{job_id}")).status_code == 200
+    await asyncio.sleep(1.1)
+    await busy.submit("the window has moved on")
+
+
+@pytest.mark.parametrize("auth_settings", [RATE], indirect=True)
+async def test_a_key_can_carry_its_own_rate(caller: KeyMaker) -> None:
+    slow, unlimited = (
+        await caller("acme", requests_per_minute=1),
+        await caller("acme", requests_per_minute=0),
+    )
+    await slow.submit("first")
+    assert_429(await slow.post("/api/ai/generate", {"prompt": "second"}), "rate_limited", 1)
+    for i in range(6):
+        await unlimited.submit(f"no limit {i}")
+
+
+@pytest.mark.parametrize("auth_settings", [QUOTA], indirect=True)
+async def test_quota_refusal_makes_no_provider_call_and_usage_is_settled(
+    caller: KeyMaker,
+    worker: FlowWorker,
+    simulator: Simulator,
+    store: ApiKeyStore,
+    settings: Settings,
+) -> None:
+    acme = await caller("acme")
+    # Estimate: "one two" is 7 characters, ~2 tokens, plus maxTokens 40 = 42 reserved.
+    job_id = await acme.submit("one two", maxTokens=40)
+    assert (await acme.wait(job_id))["status"] == "completed"
+    used = (await acme.get(f"/api/ai/result/{job_id}")).json()["result"]["usage"]["totalTokens"]
+    assert 0 < used < 42
+    assert await ledger(store, settings, acme) == used  # the reservation became real usage
+    calls = simulator.stats.requests
+    assert calls == 1
+
+    # used + 2 + 96 > 100: refused at submit, so nothing is queued and nothing is called.
+    refused = await acme.post(
+        "/api/ai/generate", {"prompt": "one two", "options": {"maxTokens": 96}}
+    )
+    assert_429(refused, "quota_exhausted", 3600)
+    assert "quota is spent" in refused.json()["error"]["message"]
+    too_big = await acme.post("/api/ai/generate", {"prompt": "x", "options": {"maxTokens": 500}})
+    assert_429(too_big, "quota_exhausted", 3600)
+    assert "more than the key's whole quota" in too_big.json()["error"]["message"]
+    await asyncio.sleep(0.5)  # a worker is running: give a wrongly queued job time to run
+    assert simulator.stats.requests == calls
+    assert await ledger(store, settings, acme) == used
+
+    # What is left still fits a smaller request, and other keys have their own quota.
+    job_id = await acme.submit("one two", maxTokens=50)
+    assert (await acme.wait(job_id))["status"] == "completed"
+    globex = await caller("globex")
+    await globex.submit("one two", maxTokens=90)
+
+
+@pytest.mark.parametrize("auth_settings", [QUOTA], indirect=True)
+async def test_a_failed_job_is_refunded(
+    caller: KeyMaker, worker: FlowWorker, store: ApiKeyStore, settings: Settings
+) -> None:
+    acme = await caller("acme")
+    job_id = await acme.submit("[[sim:refund-test:400]] rejected", maxTokens=80)
+    assert await ledger(store, settings, acme) > 80
+    assert (await acme.wait(job_id))["status"] == "failed"
+    assert await ledger(store, settings, acme) == 0
+    await acme.submit("the whole quota is back", maxTokens=90)
+
+
+@pytest.mark.parametrize("auth_settings", [SHORT_QUOTA], indirect=True)
+async def test_quota_recovers_in_the_next_window(caller: KeyMaker) -> None:
+    acme = await caller("acme")
+    await asyncio.sleep(2 - time.time() % 2 + 0.05)  # start at the beginning of a window
+    await acme.submit("x", maxTokens=90)
+    refused = await acme.post("/api/ai/generate", {"prompt": "x", "options": {"maxTokens": 90}})
+    wait = assert_429(refused, "quota_exhausted", 2)
+    await asyncio.sleep(wait + 0.05)
+    await acme.submit("x", maxTokens=90)
