@@ -70,3 +70,10 @@ async def wait_healthy(base: str, process: subprocess.Popen[bytes], timeout_s: f
                 pass
             await asyncio.sleep(0.1)
     raise AssertionError("service did not become healthy")
+
+
+async def astop(
+    process: subprocess.Popen[bytes], timeout_s: float = 20, *, interrupt: bool = True
+) -> tuple[int, str]:
+    """`stop` without blocking the event loop (the simulator and API may live on it)."""
+    return await asyncio.to_thread(stop, process, timeout_s, interrupt=interrupt)

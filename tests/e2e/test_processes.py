@@ -13,7 +13,7 @@ import pytest
 from flow_api.embedded import free_port
 from flow_api.settings import Settings
 from tests.conftest import Api
-from tests.processes import env_for, flow_api, stop, wait_healthy
+from tests.processes import astop, env_for, flow_api, wait_healthy
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ async def test_up_serves_a_prompt_and_keeps_jobs_across_restarts(
             job_id = await api.submit("through the whole stack")
             assert (await api.wait(job_id))["status"] == "completed"
     finally:
-        code, output = stop(first)
+        code, output = await astop(first)
     assert code == 0, output
     assert "serving provider fake" in output
     assert (data / "appendonlydir").is_dir()
@@ -50,7 +50,7 @@ async def test_up_serves_a_prompt_and_keeps_jobs_across_restarts(
         async with httpx.AsyncClient(base_url=base) as client:
             result = await client.get(f"/api/ai/result/{job_id}")
     finally:
-        code, output = stop(second)
+        code, output = await astop(second)
     assert code == 0, output
     assert result.status_code == 200
     assert result.json()["result"]["text"] == "echo: through the whole stack"
@@ -64,7 +64,7 @@ async def test_up_without_any_provider_says_what_to_install(
     for name in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "AZURE_OPENAI_API_KEY", "OPENAI_BASE_URL"):
         env[name] = ""
     process = flow_api("up", "--data-dir", str(tmp_path / "d"), env=env)
-    code, output = stop(process, timeout_s=30, interrupt=False)
+    code, output = await astop(process, timeout_s=30, interrupt=False)
     assert code == 2
     assert "pip install 'flow-api[local]'" in output
     assert "OPENAI_API_KEY" in output
@@ -80,7 +80,7 @@ async def test_two_worker_processes_share_a_batch_and_run_each_job_once(
         for job_id in ids:
             assert (await api.wait(job_id, timeout_s=60))["status"] == "completed"
     finally:
-        outputs = [stop(w) for w in workers]
+        outputs = [await astop(w) for w in workers]
     assert all(code == 0 for code, _ in outputs), outputs
     attempts_per_job: Counter[str] = Counter()
     ran_on: Counter[str] = Counter()

@@ -12,7 +12,7 @@ from typing import Any
 
 import requests
 import schemathesis
-from schemathesis import APIOperation, Case
+from schemathesis import Case
 from schemathesis.checks import (
     content_type_conformance,
     negative_data_rejection,
@@ -37,7 +37,7 @@ CONFIG = SchemathesisConfig.from_dict(
             "mode": "all",  # schema-valid and schema-violating requests
             "max-examples": MAX_EXAMPLES,
             "deterministic": True,  # Hypothesis `derandomize`: the same cases on every run
-            "database": "none",  # no .hypothesis directory, nothing carried between runs
+            "database": "none",  # no example database: nothing carried between runs
             # The schema declares Bearer auth on /api/ai/*, but these tests run with auth off
             # (the loopback default), where a request without `Authorization` is rightly
             # accepted; so do not generate (or leave out, as a negative case) that header.
@@ -92,7 +92,7 @@ def assert_error_body(status: int, body: Any) -> None:
 
 @SCHEMA.parametrize()
 def test_every_operation_survives_fuzzing(
-    case: Case[APIOperation], threaded_api: ThreadedApi, http_session: requests.Session
+    case: Case[Any], threaded_api: ThreadedApi, http_session: requests.Session
 ) -> None:
     response = case.call(base_url=threaded_api.base_url, session=http_session, timeout=30)
     skip = []
