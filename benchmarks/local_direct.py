@@ -20,7 +20,14 @@ from typing import Any
 from langchain_core.messages import AIMessage, HumanMessage
 
 from flow_api.providers import gguf
-from flow_api.providers.local import PLAIN_STOP, LocalProvider, Turn, plain_prompt, thread_count
+from flow_api.providers.local import (
+    PLAIN_STOP,
+    LocalProvider,
+    Turn,
+    batch_thread_count,
+    plain_prompt,
+    thread_count,
+)
 from flow_api.settings import LocalSettings
 
 PROMPTS = (
@@ -50,18 +57,19 @@ class Run:
 async def direct_run(
     prompts: Sequence[str], max_tokens: int, settings: LocalSettings | None = None
 ) -> Run:
-    """`llama_cpp.Llama.create_completion` on `prompts`, one after another, in a thread."""
+    """`llama_cpp.Llama.create_completion` on `prompts`, one after another, in one thread."""
+    return await asyncio.to_thread(_direct_run, prompts, max_tokens, settings or LocalSettings())
+
+
+def _direct_run(prompts: Sequence[str], max_tokens: int, settings: LocalSettings) -> Run:
     import llama_cpp
 
-    settings = settings or LocalSettings()
-    path = await asyncio.to_thread(gguf.resolve_model_file, settings)
     threads = thread_count(settings)
-    llm = await asyncio.to_thread(
-        llama_cpp.Llama,
-        model_path=str(path),
+    llm = llama_cpp.Llama(
+        model_path=str(gguf.resolve_model_file(settings)),
         n_ctx=settings.context_size,
         n_threads=threads,
-        n_threads_batch=threads,
+        n_threads_batch=batch_thread_count(settings),
         verbose=False,
     )
 
@@ -72,14 +80,11 @@ async def direct_run(
         )
         return int(result["usage"]["completion_tokens"])
 
-    def run_all() -> Run:
+    try:
         complete(prompts[0])  # warm-up, untimed
         started = time.perf_counter()
         tokens = sum(complete(p) for p in prompts)
         return Run(tokens, time.perf_counter() - started)
-
-    try:
-        return await asyncio.to_thread(run_all)
     finally:
         llm.close()
 

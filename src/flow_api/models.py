@@ -6,7 +6,16 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+import orjson
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
 from pydantic.alias_generators import to_camel
 
 
@@ -25,6 +34,9 @@ class WireModel(BaseModel):
 # --- requests -------------------------------------------------------------------------------
 
 
+StopSequence = Annotated[StrictStr, Field(min_length=1, max_length=200)]
+
+
 class GenerateOptions(WireModel):
     """Per-request generation options; every field is optional."""
 
@@ -35,10 +47,30 @@ class GenerateOptions(WireModel):
     system: Annotated[StrictStr, Field(max_length=100_000)] | None = None
     timeout_ms: Annotated[StrictInt, Field(ge=100, le=3_600_000)] | None = None
     priority: Annotated[StrictInt, Field(ge=1, le=2_097_152)] | None = None
-    stop: Annotated[list[StrictStr], Field(max_length=8)] | None = None
-    seed: StrictInt | None = None
+    stop: (
+        Annotated[list[Annotated[StrictStr, Field(max_length=200)]], Field(max_length=8)] | None
+    ) = None
+    seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     start_within_ms: Annotated[StrictInt, Field(ge=1, le=30 * 86_400_000)] | None = None
     metadata: dict[str, Any] | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _plain_json(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Metadata is stored and echoed back as is: refuse what JSON cannot carry faithfully
+        # (NaN/Infinity, integers past 64 bits, lone surrogates, nesting deeper than 255).
+        if value is None:
+            return None
+        try:
+            same = orjson.loads(orjson.dumps(value)) == value
+        except orjson.JSONEncodeError:
+            same = False
+        if not same:
+            raise ValueError(
+                "must be plain JSON: finite numbers, 64-bit integers, valid Unicode, "
+                "nesting up to 255 levels"
+            )
+        return value
 
 
 class GenerateRequest(WireModel):
@@ -71,6 +103,28 @@ class ErrorInfo(WireModel):
     message: str
     retryable: bool = False
     attempts: int | None = None
+
+
+class ErrorDetail(WireModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorPayload(WireModel):
+    model_config = ConfigDict(extra="allow")
+
+    code: str = Field(description="stable, machine-readable")
+    message: str = Field(description="for a person")
+    field: str | None = None
+    details: list[ErrorDetail] | None = None
+    cause: ErrorInfo | None = None
+
+
+class ErrorBody(WireModel):
+    """Every 4xx and 5xx answer."""
+
+    error: ErrorPayload
 
 
 class JobAccepted(WireModel):

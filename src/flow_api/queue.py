@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import random
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -153,6 +154,8 @@ class JobQueue:
         A waiting job is failed as cancelled when a worker takes it (no provider call); a delayed
         one is promoted so that happens now; an active one is interrupted by its worker.
         """
+        if not _valid_id(job_id):
+            raise JobNotFound(job_id)
         with redis_errors_as_unavailable():
             flagged = await self._flag_cancel(
                 keys=[self.queue.toKey(job_id)], args=[CANCEL_FIELD, int(time.time() * 1000)]
@@ -187,9 +190,13 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
 def _valid_id(job_id: str) -> bool:
-    # BullMQ builds keys from ids; refuse anything that could address another key.
-    return 0 < len(job_id) <= 128 and ":" not in job_id
+    # BullMQ keys a queue's own structures beside its jobs (`meta`, `wait`, `events`...):
+    # only ids this service mints may be looked up, so no request can address those.
+    return _JOB_ID.fullmatch(job_id) is not None
 
 
 # --- consumer side ----------------------------------------------------------------------------

@@ -267,7 +267,7 @@ async def test_redis_unreachable_is_503_fast_not_500(valkey: EmbeddedValkey) -> 
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.api.port}") as c:
             started = asyncio.get_running_loop().time()
             submit = await c.post("/api/ai/generate", json={"prompt": "x"})
-            status = await c.get("/api/ai/status/abc")
+            status = await c.get(f"/api/ai/status/{'0' * 32}")
             ready = await c.get("/readyz")
             alive = await c.get("/healthz")
             elapsed = asyncio.get_running_loop().time() - started

@@ -60,13 +60,6 @@ CHECKS = [
     negative_data_rejection,
 ]
 
-# Answers the service gives on purpose that the OpenAPI schema does not list yet. Only the
-# status-code check is skipped for them; the no-5xx check and our error-body check still run.
-UNDOCUMENTED_STATUS: dict[str, frozenset[int]] = {
-    # 400 invalid_json (unparseable body), 409 idempotency_key_reused, 413 payload_too_large
-    "POST /api/ai/generate": frozenset({400, 409, 413}),
-}
-
 
 def served_schema() -> dict[str, Any]:
     """The schema the app serves at /openapi.json (checked against the live one below)."""
@@ -95,13 +88,9 @@ def test_every_operation_survives_fuzzing(
     case: Case[Any], threaded_api: ThreadedApi, http_session: requests.Session
 ) -> None:
     response = case.call(base_url=threaded_api.base_url, session=http_session, timeout=30)
-    skip = []
-    if response.status_code in UNDOCUMENTED_STATUS.get(case.operation.label, frozenset()):
-        skip.append(status_code_conformance)
     case.validate_response(
         response,
         checks=CHECKS,
-        excluded_checks=skip,
         transport_kwargs={"base_url": threaded_api.base_url, "session": http_session},
     )
     if 400 <= response.status_code < 500:

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from flow_api import history
 from flow_api.api.auth import AccessDep, SubmitterDep
 from flow_api.api.deps import IdempotencyDep, QueueDep, RegistryDep, SettingsDep
+from flow_api.api.responses import errors
 from flow_api.auth.principal import TENANT_FIELD
 from flow_api.auth.quota import CHARGE_FIELD
 from flow_api.errors import InvalidRequest
@@ -39,6 +40,7 @@ def check_limits(body: GenerateRequest, limits: ApiSettings) -> None:
     "/generate",
     status_code=202,
     response_model=JobAccepted,
+    responses=errors(400, 409, 413, 422, 503, s409="`idempotency_key_reused`"),
     summary="Submit a prompt; answers with a job id as soon as the job is durably queued",
 )
 async def submit(

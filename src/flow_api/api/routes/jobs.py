@@ -11,6 +11,7 @@ from flow_api import history
 from flow_api.api.auth import ReaderDep, WriterDep
 from flow_api.api.deps import QueueDep
 from flow_api.api.errors import error_response
+from flow_api.api.responses import errors
 from flow_api.auth.principal import ensure_owner
 from flow_api.errors import JobAlreadyFinished
 from flow_api.models import JobRecord, JobResult, JobStatus, JobView
@@ -19,21 +20,19 @@ router = APIRouter(prefix="/api/ai", tags=["jobs"])
 
 _PENDING: dict[int | str, dict[str, Any]] = {
     202: {"model": JobView, "description": "not finished yet; poll again (see Retry-After)"},
-    409: {
-        "description": "the job ended without a result: `error.code` is `job_failed`, "
-        "`job_cancelled` or `job_expired`; `error.cause` says why"
-    },
-    404: {"description": "unknown or expired job id"},
+    **errors(
+        404,
+        409,
+        503,
+        s409="ended without a result: `job_failed`, `job_cancelled` or `job_expired`; "
+        "`error.cause` says why",
+    ),
 }
+_READ = errors(404, 503)
+_CANCEL = errors(404, 409, 503, s409="`job_already_finished`: nothing left to cancel")
 
 
-_CANCEL: dict[int | str, dict[str, Any]] = {
-    404: _PENDING[404],
-    409: {"description": "`job_already_finished`: nothing left to cancel"},
-}
-
-
-@router.get("/status/{job_id}", response_model=JobView, responses={404: _PENDING[404]})
+@router.get("/status/{job_id}", response_model=JobView, responses=_READ)
 async def status(job_id: str, queue: QueueDep, principal: ReaderDep) -> JSONResponse:
     """Where a job is: waiting, active, completed or failed, with attempts and timings."""
     job = ensure_owner(await queue.fetch(job_id), principal)
@@ -83,7 +82,7 @@ async def delete(job_id: str, queue: QueueDep, principal: WriterDep) -> JSONResp
     return await cancel(job_id, queue, principal)
 
 
-@router.get("/jobs/{job_id}", response_model=JobRecord, responses={404: _PENDING[404]})
+@router.get("/jobs/{job_id}", response_model=JobRecord, responses=_READ)
 async def record(job_id: str, queue: QueueDep, principal: ReaderDep) -> JSONResponse:
     """The whole record: request, outcome, every attempt, log lines and timings."""
     job = ensure_owner(await queue.fetch(job_id, with_logs=True), principal)
