@@ -150,3 +150,27 @@ async def test_an_idle_worker_stops_fast(api: Api, settings: Settings) -> None:
     assert code == 0, output
     assert took < 2.0, f"idle shutdown took {took:.2f} s"
     print(f"\nidle worker SIGTERM → exit in {took:.2f} s")
+
+
+async def test_cancel_reaches_the_worker_process_holding_the_job(
+    api: Api, settings: Settings, simulator: Simulator
+) -> None:
+    workers = [flow_api("worker", env=worker_env(settings)) for _ in range(2)]
+    try:
+        job_id = await api.submit("[[sim:cx:hang]] spend no more", timeoutMs=120_000)
+        await wait_until(lambda: simulator.stats.in_flight == 1, 20, "the call to start")
+        answer = await api.client.post(f"/api/ai/jobs/{job_id}/cancel")
+        assert answer.status_code == 200
+        await wait_until(lambda: simulator.stats.in_flight == 0, 5, "the call to be aborted")
+        record = (await api.client.get(f"/api/ai/jobs/{job_id}")).json()
+        for _ in range(50):
+            if record["attempts"][-1].get("error"):
+                break
+            await asyncio.sleep(0.1)
+            record = (await api.client.get(f"/api/ai/jobs/{job_id}")).json()
+    finally:
+        outputs = [await astop(w) for w in workers]
+    assert all(code == 0 for code, _ in outputs), outputs
+    assert record["status"] == "cancelled"
+    assert record["attempts"][-1]["error"]["code"] == "cancelled"
+    assert simulator.stats.by_key["cx"] == 1
