@@ -363,7 +363,9 @@ class QueueConsumer:
             await asyncio.gather(*(w.run() for w in self._workers))
         finally:
             self._closed.set()
-            await listener
+            listener.cancel()  # don't wait out its poll timeout: idle shutdown stays fast
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
 
     @property
     def in_flight(self) -> int:

@@ -85,6 +85,7 @@ async def run_worker(settings: Settings) -> None:
         if stopping:
             await asyncio.gather(*stopping)
         await registry.aclose()
+        log.info("worker stopped")
 
 
 async def run_up(settings: Settings, data_dir: Path) -> None:
