@@ -11,7 +11,6 @@ from pathlib import Path
 
 import uvloop
 
-from flow_api import service
 from flow_api.auth import commands as key_commands
 from flow_api.auth.exposure import InsecureBinding
 from flow_api.settings import Settings
@@ -53,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         settings.api.port = args.port
     if getattr(args, "host", None):
         settings.api.host = args.host
+    if args.command == "keys":
+        return key_commands.run(args, settings)
+    from flow_api import service  # FastAPI and LangChain: imported only by the serving commands
+
     try:
         if args.command == "api" and args.reload:
             import uvicorn
@@ -70,8 +73,6 @@ def main(argv: list[str] | None = None) -> int:
             uvloop.run(service.run_worker(settings))
         elif args.command == "up":
             uvloop.run(service.run_up(settings, args.data_dir))
-        elif args.command == "keys":
-            return key_commands.run(args, settings)
         else:
             problems = asyncio.run(service.check(settings))
             for problem in problems:

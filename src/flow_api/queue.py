@@ -108,6 +108,9 @@ class JobQueue:
             "backoff": {"type": BACKOFF_TYPE, "delay": self.worker.backoff_base_ms},
             "removeOnComplete": keep,
             "removeOnFail": keep,
+            # No Python tracebacks in Redis: they can quote an SDK's error text (a masked key,
+            # a prompt); each attempt's typed error is in the job's log instead.
+            "stackTraceLimit": 0,
         }
         if priority is not None:
             opts["priority"] = priority

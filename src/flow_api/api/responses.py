@@ -8,10 +8,13 @@ from flow_api.models import ErrorBody
 
 _TEXT = {
     400: "the body is not JSON (`invalid_json`)",
+    401: "no valid API key (`unauthorized`), when authentication is on",
+    403: "the key lacks the scope (`forbidden`)",
     404: "unknown or expired job (`job_not_found`)",
     409: "conflict; see `error.code`",
     413: "the body is over the size limit (`payload_too_large`)",
     422: "invalid input; `error.field` names it",
+    429: "`rate_limited` or `quota_exhausted` for this key; retry after `Retry-After`",
     503: "Redis is unreachable (`queue_unavailable`); retry after `Retry-After`",
 }
 

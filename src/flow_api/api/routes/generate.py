@@ -40,7 +40,7 @@ def check_limits(body: GenerateRequest, limits: ApiSettings) -> None:
     "/generate",
     status_code=202,
     response_model=JobAccepted,
-    responses=errors(400, 409, 413, 422, 503, s409="`idempotency_key_reused`"),
+    responses=errors(400, 401, 403, 409, 413, 422, 429, 503, s409="`idempotency_key_reused`"),
     summary="Submit a prompt; answers with a job id as soon as the job is durably queued",
 )
 async def submit(

@@ -21,6 +21,8 @@ router = APIRouter(prefix="/api/ai", tags=["jobs"])
 _PENDING: dict[int | str, dict[str, Any]] = {
     202: {"model": JobView, "description": "not finished yet; poll again (see Retry-After)"},
     **errors(
+        401,
+        403,
         404,
         409,
         503,
@@ -28,8 +30,8 @@ _PENDING: dict[int | str, dict[str, Any]] = {
         "`error.cause` says why",
     ),
 }
-_READ = errors(404, 503)
-_CANCEL = errors(404, 409, 503, s409="`job_already_finished`: nothing left to cancel")
+_READ = errors(401, 403, 404, 503)
+_CANCEL = errors(401, 403, 404, 409, 503, s409="`job_already_finished`: nothing left to cancel")
 
 
 @router.get("/status/{job_id}", response_model=JobView, responses=_READ)
