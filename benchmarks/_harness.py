@@ -11,6 +11,7 @@ import datetime
 import os
 import platform
 import queue
+import signal
 import subprocess
 import sys
 import tempfile
@@ -195,6 +196,41 @@ class Meter:
     @property
     def cpu_s(self) -> float:
         return self.cpu_end - self.cpu_start
+
+
+class Profiler:
+    """`py-spy record` on some processes while a scenario runs (collapsed stacks, one file each).
+
+    Only when asked (`--py-spy DIR`): py-spy is not a dependency of the project.
+    """
+
+    def __init__(self, pids: Sequence[int], folder: Path | None, name: str) -> None:
+        self.pids = list(pids)
+        self.folder = folder
+        self.name = name
+        self._children: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        slug = "".join(ch if ch.isalnum() else "-" for ch in self.name).strip("-")
+        for pid in self.pids:
+            out = self.folder / f"{slug}-{pid}.txt"
+            command = ["py-spy", "record", "-p", str(pid), "-f", "raw", "-r", "100", "-o", str(out)]
+            self._children.append(
+                subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+
+    def stop(self) -> None:
+        for child in self._children:
+            child.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        for child in self._children:
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

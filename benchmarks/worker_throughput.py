@@ -34,6 +34,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from _harness import (
@@ -41,6 +42,7 @@ from _harness import (
     SIM_MODEL,
     Child,
     Meter,
+    Profiler,
     machine,
     python_child,
     ratio,
@@ -56,6 +58,7 @@ from flow_api.queue import JobQueue
 from flow_api.settings import RedisSettings, WorkerSettings
 
 PREFIX = "bull"
+PROFILE_DIR: Path | None = None  # --py-spy DIR
 PROMPT = "Summarise the plot of a short novel about a lighthouse keeper, number {i}."
 
 
@@ -148,6 +151,8 @@ async def run_queued(
         await asyncio.sleep(1.0)  # let every shard reach its blocking wait
         meter = Meter([c.pid for c in children])
         meter.start()
+        profiler = Profiler([c.pid for c in children], PROFILE_DIR, name)
+        profiler.start()
         started = time.perf_counter()
         await queue.resume()
         while True:
@@ -157,6 +162,7 @@ async def run_queued(
             await asyncio.sleep(0.02)
         seconds = time.perf_counter() - started
         meter.stop()
+        profiler.stop()
     finally:
         for child in children:
             await asyncio.to_thread(child.stop)
@@ -171,11 +177,14 @@ async def run_alone(name: str, jobs: int, args: Sequence[str]) -> Result:
         await asyncio.to_thread(child.wait_for, "ready")
         meter = Meter([child.pid])
         meter.start()
+        profiler = Profiler([child.pid], PROFILE_DIR, name)
+        profiler.start()
         started = time.perf_counter()
         child.send("go")
         line = await asyncio.to_thread(child.wait_for, "done", 600)
         seconds = time.perf_counter() - started
         meter.stop()
+        profiler.stop()
     finally:
         await asyncio.to_thread(child.stop)
     failed = int(line.split()[1])
@@ -410,6 +419,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="asyncio",
         help="event loop of the stock Worker (a, d); ours always runs uvloop",
     )
+    parser.add_argument(
+        "--py-spy", type=Path, metavar="DIR", help="profile the consumers into DIR (needs py-spy)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--redis", help=argparse.SUPPRESS)
     parser.add_argument("--queue", help=argparse.SUPPRESS)
@@ -440,4 +452,5 @@ if __name__ == "__main__":
         run_child(parsed)
     else:
         os.environ.setdefault("PYTHONUNBUFFERED", "1")
+        PROFILE_DIR = parsed.py_spy
         asyncio.run(main(parsed))

