@@ -15,7 +15,9 @@ import pytest
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
-from flow_api.errors import ModelNotAllowed, ProviderMisconfigured
+from flow_api.errors import ContextTooLong, ModelNotAllowed, ProviderMisconfigured
+from flow_api.models import GenerateOptions, GenerateRequest
+from flow_api.pipeline import generate
 from flow_api.providers import gguf
 from flow_api.providers.local import LoadedModel, LocalProvider, Turn, plain_prompt
 from flow_api.settings import LocalSettings
@@ -216,6 +218,23 @@ async def test_max_tokens_cuts_with_finish_reason_length(chat: BaseChatModel) ->
     assert answer.response_metadata["finish_reason"] == "length"
     assert answer.usage_metadata is not None
     assert 0 < answer.usage_metadata["output_tokens"] <= 5
+
+
+async def test_the_service_pipeline_runs_on_the_local_model(provider: LocalProvider) -> None:
+    request = GenerateRequest(
+        prompt="What is the capital of France?",
+        options=GenerateOptions(provider="local", temperature=0, max_tokens=3, system="Be brief."),
+    )
+    result = await generate(provider, provider.default_model, request)
+    assert result.text and result.provider == "local" and result.model == MODEL
+    assert result.finish_reason in ("stop", "length")
+    assert 0 < result.usage.completion_tokens <= 3
+    assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
+
+
+async def test_a_prompt_longer_than_the_context_is_refused(chat: BaseChatModel) -> None:
+    with pytest.raises(ContextTooLong, match="context is 1024"):
+        await chat.ainvoke([HumanMessage("word " * 1100)])
 
 
 async def test_the_event_loop_stays_free_while_the_model_generates(chat: BaseChatModel) -> None:
