@@ -1,0 +1,116 @@
+"""Tokens/s of the local model through the whole service vs llama.cpp called directly.
+
+The service path: HTTP submit → Valkey queue → worker → LangChain → llama.cpp → result, polled
+over HTTP, with a real valkey-server, uvicorn and worker in this process (the model generates in a
+worker thread). The direct path: `llama_cpp.Llama.create_completion` on the same prompts with the
+same framing, greedy decoding and thread count. Rounds alternate so machine load hits both alike.
+Prints; never asserts. Goal (issue 3): service ≥ 90% of direct.
+
+    python benchmarks/local_service.py [--prompts 8] [--max-tokens 64] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from local_direct import PROMPTS, Run, direct_run
+
+from flow_api.embedded import EmbeddedValkey, free_port
+from flow_api.providers import build_registry
+from flow_api.service import api_server
+from flow_api.settings import (
+    ApiSettings,
+    LocalSettings,
+    ProviderSettings,
+    RedisSettings,
+    Settings,
+    WorkerSettings,
+)
+from flow_api.worker import FlowWorker
+
+
+async def service_run(prompts: list[str], max_tokens: int, redis_url: str) -> Run:
+    """Submit every prompt over HTTP at once (they queue on the one model), wait for all."""
+    settings = Settings(
+        redis=RedisSettings(url=redis_url, queue_name=f"bench-{time.monotonic_ns()}"),
+        api=ApiSettings(port=free_port()),
+        worker=WorkerSettings(concurrency=4, job_timeout_s=300),
+        provider=ProviderSettings(default="local"),
+        local=LocalSettings(enabled=True),
+    )
+    registry = build_registry(settings)
+    server = api_server(settings, registry)
+    worker = FlowWorker(settings, registry)
+    serving = asyncio.create_task(server.serve())
+    working = asyncio.create_task(worker.run())
+    while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
+        await asyncio.sleep(0.01)
+    base = f"http://127.0.0.1:{settings.api.port}"
+    options = {"temperature": 0, "maxTokens": max_tokens}
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+
+            async def run_one(prompt: str) -> int:
+                answer = await client.post(
+                    "/api/ai/generate", json={"prompt": prompt, "options": options}
+                )
+                job_id = answer.json()["jobId"]
+                while True:
+                    result = await client.get(f"/api/ai/result/{job_id}")
+                    if result.status_code == 200:
+                        return int(result.json()["result"]["usage"]["completionTokens"])
+                    if result.status_code != 202:
+                        raise RuntimeError(result.text)
+                    await asyncio.sleep(0.02)
+
+            await run_one(prompts[0])  # loads the model and warms it up, untimed
+            wall, cpu = time.perf_counter(), time.process_time()
+            tokens = sum(await asyncio.gather(*(run_one(p) for p in prompts)))
+            return Run(tokens, time.perf_counter() - wall, time.process_time() - cpu)
+    finally:
+        server.should_exit = True
+        await worker.stop()
+        await asyncio.gather(serving, working)
+        await registry.aclose()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS))
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
+    valkey = EmbeddedValkey(Path(tempfile.mkdtemp(prefix="flow-bench-")))
+    valkey.start()
+    direct: list[Run] = []
+    service: list[Run] = []
+    try:
+        for _ in range(args.rounds):
+            direct.append(await direct_run(prompts, args.max_tokens))
+            service.append(await service_run(prompts, args.max_tokens, valkey.url))
+    finally:
+        valkey.stop()
+    print(f"prompts={len(prompts)} max_tokens={args.max_tokens} rounds={args.rounds}")
+    print(f"{'path':<10}{'tokens':>8}{'wall s':>9}{'tokens/s':>10}   tokens/s per round")
+    totals = {}
+    for name, runs in (("direct", direct), ("service", service)):
+        tokens = sum(r.tokens for r in runs)
+        seconds = sum(r.seconds for r in runs)
+        totals[name] = tokens / seconds
+        each = "  ".join(f"{r.per_s:.1f}" for r in runs)
+        print(f"{name:<10}{tokens:>8}{seconds:>9.2f}{tokens / seconds:>10.1f}   {each}")
+    print(f"service/direct: {totals['service'] / totals['direct']:.2f} (goal ≥ 0.90)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
