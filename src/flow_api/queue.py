@@ -285,6 +285,8 @@ class QueueConsumer:
         self._workers: list[Worker] = []
         self._stopping = False
         self._closed = asyncio.Event()
+        self._stop_started = False
+        self._stopped = asyncio.Event()
         self._running: dict[str, asyncio.Task[Any]] = {}
 
     async def _process(self, job: Job, token: str) -> dict[str, Any]:
@@ -364,6 +366,10 @@ class QueueConsumer:
         listener = asyncio.create_task(self._listen_for_cancels())
         try:
             await asyncio.gather(*(w.run() for w in self._workers))
+            if self._stop_started:
+                # bullmq's run loop returns as soon as it stops taking jobs; callers must not
+                # release providers while in-flight jobs are still finishing.
+                await self._stopped.wait()
         finally:
             self._closed.set()
             listener.cancel()  # don't wait out its poll timeout: idle shutdown stays fast
@@ -376,6 +382,7 @@ class QueueConsumer:
 
     async def stop(self) -> None:
         """Stop taking jobs; in-flight ones get the grace period, then go back to the queue."""
+        self._stop_started = True
         workers = list(self._workers)
         graceful = asyncio.gather(*(w.close() for w in workers))
         try:
@@ -387,6 +394,8 @@ class QueueConsumer:
                 worker.cancelProcessing()
             with contextlib.suppress(Exception):
                 await graceful
+        finally:
+            self._stopped.set()
 
 
 def _log_worker_error(err: BaseException, *_: Any) -> None:

@@ -257,7 +257,11 @@ async def test_the_event_loop_stays_free_while_the_model_generates(chat: BaseCha
         ticker.cancel()
     assert all(a.usage_metadata and a.usage_metadata["output_tokens"] > 0 for a in answers)
     assert len(latencies) > 20, "the ticker ran during generation"
-    assert max(latencies) < 0.1, f"event loop blocked for {max(latencies) * 1000:.0f} ms"
+    # On the loop, each generation would block it for a second or more. The limits leave room
+    # for OS scheduling on a busy 2-core box (an idle loop alone lagged up to 50 ms there).
+    latencies.sort()
+    p99, worst = latencies[int(len(latencies) * 0.99)], latencies[-1]
+    assert p99 < 0.1 and worst < 0.5, f"loop lag p99 {p99 * 1000:.0f} ms, max {worst * 1000:.0f} ms"
 
 
 async def test_cancelling_the_caller_stops_the_generation(chat: BaseChatModel) -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from langchain_core.language_models import BaseChatModel
-from langchain_openai import AzureChatOpenAI
 
 from flow_api.providers.openai import OpenAIProvider
+from flow_api.providers.openai_inline import InlineAzureChatOpenAI
 from flow_api.settings import AzureSettings, OpenAISettings
 
 
@@ -20,7 +20,7 @@ class AzureProvider(OpenAIProvider):
         self.azure = settings
 
     def build(self, model: str) -> BaseChatModel:
-        return AzureChatOpenAI(
+        return InlineAzureChatOpenAI(
             azure_deployment=model,
             azure_endpoint=self.azure.endpoint,
             api_version=self.azure.api_version,

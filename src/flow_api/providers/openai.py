@@ -6,10 +6,10 @@ from typing import Any
 
 import openai
 from langchain_core.language_models import BaseChatModel
-from langchain_openai import ChatOpenAI
 
 from flow_api.errors import ProviderError
 from flow_api.providers.base import Provider
+from flow_api.providers.openai_inline import InlineChatOpenAI
 from flow_api.providers.sdk_errors import map_sdk_error
 from flow_api.settings import OpenAISettings
 
@@ -33,7 +33,7 @@ class OpenAIProvider(Provider):
 
     def build(self, model: str) -> BaseChatModel:
         key = self.settings.api_key
-        return ChatOpenAI(
+        return InlineChatOpenAI(
             model=model,
             api_key=key if key is not None else None,
             base_url=self.settings.base_url,
