@@ -24,7 +24,6 @@ from flow_api.providers.local import (
     PLAIN_STOP,
     LocalProvider,
     Turn,
-    batch_thread_count,
     plain_prompt,
     thread_count,
 )
@@ -83,7 +82,7 @@ def _direct_run(prompts: Sequence[str], max_tokens: int, settings: LocalSettings
         model_path=str(gguf.resolve_model_file(settings)),
         n_ctx=settings.context_size,
         n_threads=threads,
-        n_threads_batch=batch_thread_count(settings),
+        n_threads_batch=threads,
         verbose=False,
     )
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from bullmq import DelayedError, Job, Queue, UnrecoverableError, Worker
+from bullmq import DelayedError, Job, Queue, UnrecoverableError
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -29,15 +29,16 @@ from redis.backoff import ExponentialBackoff
 from flow_api.errors import FlowError, JobNotFound, QueueUnavailable
 from flow_api.keys import CANCEL_FIELD, cancel_channel
 from flow_api.settings import RedisSettings, WorkerSettings
+from flow_api.slot_worker import SlotWorker, pending_logs
 
 log = logging.getLogger(__name__)
 
 JOB_NAME = "generate"
 BACKOFF_TYPE = "flow-jitter"
-# Why shards: bullmq's Worker.run calls asyncio.wait over every in-flight task each time one
-# finishes, so its cost per job grows with concurrency (DESIGN.md: 62% of ideal at 1000).
-# Several Workers of at most this many slots each keep that set small.
-SHARD_SLOTS = 100
+# Slots per bullmq Worker. Shards were needed while bullmq's own loop ran the jobs (its
+# asyncio.wait over every in-flight task made a job's cost grow with concurrency); the slot loop
+# of `SlotWorker` costs the same per job at any concurrency, so one Worker serves a process.
+SHARD_SLOTS = 10_000
 
 _REDIS_DOWN = (
     redis_errors.ConnectionError,
@@ -233,6 +234,10 @@ class JobHandle:
     async def log(self, entry: dict[str, Any]) -> None:
         await self._job.log(orjson.dumps(entry).decode())
 
+    def log_at_finish(self, entry: dict[str, Any]) -> None:
+        """Log `entry` in the same round trip that completes the job (or before it fails)."""
+        pending_logs(self._job).append(orjson.dumps(entry).decode())
+
     async def begin(self, entry: dict[str, Any]) -> bool:
         """Log the attempt's start and read the cancel flag in one round trip; True if
         cancellation was requested before this worker could hear about it."""
@@ -282,7 +287,7 @@ class QueueConsumer:
         self.redis = redis
         self.settings = worker
         self.handler = handler
-        self._workers: list[Worker] = []
+        self._workers: list[SlotWorker] = []
         self._stopping = False
         self._closed = asyncio.Event()
         self._stop_started = False
@@ -360,7 +365,7 @@ class QueueConsumer:
         shards = max(1, math.ceil(total / SHARD_SLOTS))
         for index in range(shards):
             slots = total // shards + (1 if index < total % shards else 0)
-            worker = Worker(self.redis.queue_name, self._process, self._worker_options(slots))
+            worker = SlotWorker(self.redis.queue_name, self._process, self._worker_options(slots))
             worker.on("error", _log_worker_error)
             self._workers.append(worker)
         listener = asyncio.create_task(self._listen_for_cancels())

@@ -131,7 +131,9 @@ class LocalSettings(BaseSettings):
     cache_dir: Path | None = Field(None, description="where the bundled GGUF is assembled")
     instances: int = Field(1, ge=1, le=16, description="model copies; jobs queue on them")
     context_size: int = Field(2048, ge=256)
-    threads: int | None = Field(None, ge=1, description="llama.cpp threads; None = cores")
+    threads: int | None = Field(
+        None, ge=1, description="llama.cpp threads; None = half the cores, shared by instances"
+    )
     default_max_tokens: int = Field(256, ge=1)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -19,7 +20,7 @@ from flow_api.errors import (
 )
 from flow_api.models import GenerateRequest
 from flow_api.pipeline import generate
-from flow_api.providers import ProviderRegistry
+from flow_api.providers import Provider, ProviderRegistry
 from flow_api.queue import JobHandle, QueueConsumer, is_cancel_request
 from flow_api.settings import Settings
 
@@ -36,6 +37,11 @@ class FlowWorker:
         self.consumer = QueueConsumer(
             settings.redis, settings.worker, self.meter.metered(self.process)
         )
+        self._turns = {
+            name: asyncio.Semaphore(provider.max_concurrency)
+            for name, provider in registry.providers.items()
+            if provider.max_concurrency
+        }
 
     async def run(self) -> None:
         log.info(
@@ -45,8 +51,13 @@ class FlowWorker:
             ", ".join(self.registry.names) or "none",
             self.registry.default,
         )
-        async with self.meter:
-            await self.consumer.run()
+        warming = [asyncio.create_task(_warm(p)) for p in self.registry.providers.values()]
+        try:
+            async with self.meter:
+                await self.consumer.run()
+        finally:
+            for task in warming:
+                task.cancel()
 
     async def stop(self) -> None:
         await self.consumer.stop()
@@ -67,7 +78,7 @@ class FlowWorker:
             if cancelled:
                 raise JobCancelled("cancelled before it started; no provider call was made")
             _check_deadline(job)
-            async with asyncio.timeout(timeout):
+            async with self._turn(provider.name), asyncio.timeout(timeout):
                 generation = await generate(provider, model, request)
         except TimeoutError:
             error = ProviderTimeout(f"the provider call exceeded the {timeout:g} s timeout")
@@ -91,14 +102,26 @@ class FlowWorker:
             )
         if error is not None:
             raise error
-        await job.log(history.attempt_ended(job.attempt, None))
+        job.log_at_finish(history.attempt_ended(job.attempt, None))  # written with the result
         log.info("job %s completed on attempt %d", job.id, job.attempt)
         return generation.wire()
+
+    def _turn(self, provider: str) -> contextlib.AbstractAsyncContextManager[Any]:
+        """Wait for a turn on a provider with a concurrency cap (the local model)."""
+        turn = self._turns.get(provider)
+        return turn if turn is not None else contextlib.nullcontext()
 
     def _timeout_s(self, request: GenerateRequest) -> float:
         if request.options.timeout_ms is not None:
             return request.options.timeout_ms / 1000
         return self.settings.worker.job_timeout_s
+
+
+async def _warm(provider: Provider) -> None:
+    try:
+        await provider.warm_up()
+    except Exception as exc:  # the first job will report it with its code
+        log.warning("could not warm up provider %s: %s", provider.name, exc)
 
 
 def _check_deadline(job: JobHandle) -> None:

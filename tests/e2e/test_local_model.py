@@ -62,19 +62,27 @@ async def test_the_api_stays_responsive_while_four_local_jobs_run(
         if any(v["status"] == "active" for v in views):
             break
         await asyncio.sleep(0.05)
-    slowest = 0.0
+    latencies: list[float] = []
     while True:
         for path in ("/healthz", f"/api/ai/status/{ids[-1]}"):
             started = time.perf_counter()
             answer = await api.client.get(path)
-            slowest = max(slowest, time.perf_counter() - started)
+            latencies.append(time.perf_counter() - started)
             assert answer.status_code == 200
         views = [(await api.client.get(f"/api/ai/status/{i}")).json() for i in ids]
         if all(v["status"] == "completed" for v in views):
             break
         await asyncio.sleep(0.02)
-    print(f"\nslowest /healthz or status answer while the model ran: {slowest * 1000:.1f} ms")
-    assert slowest < 0.1
+    latencies.sort()
+    p95, slowest = latencies[int(len(latencies) * 0.95)], latencies[-1]
+    print(
+        f"\n/healthz and status while the model ran: "
+        f"p95 {p95 * 1000:.1f} ms, max {slowest * 1000:.1f} ms"
+    )
+    # Generation on the event loop would stall every answer for seconds. A shared 2-core CI
+    # machine can delay any one answer past 100 ms, so the bound is on the 95th percentile.
+    assert p95 < 0.1
+    assert slowest < 0.5
 
 
 async def test_up_serves_the_local_model_with_no_keys(tmp_path: Path) -> None:

@@ -17,6 +17,9 @@ class Provider(abc.ABC):
     and each holds an HTTP client)."""
 
     name: ClassVar[str]
+    #: Calls this process may make at once (None = no limit). Jobs beyond it wait for a turn
+    #: before their attempt's timeout starts, so a queue on a slow local model is not a timeout.
+    max_concurrency: int | None = None
 
     def __init__(self, default_model: str, allowed_models: Sequence[str] = ()) -> None:
         self.default_model = default_model
@@ -61,6 +64,9 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def build(self, model: str) -> BaseChatModel:
         """Construct the LangChain chat model for `model`."""
+
+    async def warm_up(self) -> None:  # noqa: B027 - optional hook, most providers need none
+        """Prepare ahead of the first job (load a model); a no-op for network providers."""
 
     async def aclose(self) -> None:
         """Release HTTP clients and other resources."""

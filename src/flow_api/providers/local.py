@@ -171,18 +171,14 @@ def cpu_count() -> int:
 
 
 def thread_count(settings: LocalSettings) -> int:
-    """Generation threads per instance: `settings.threads`, else half the cores, shared.
+    """llama.cpp threads per instance: `settings.threads`, else half the cores, shared.
 
-    Half (llama-cpp-python's own default) because llama.cpp's threads spin at barriers: with
-    every core taken, the event loop and other processes preempt them and decoding collapsed
-    (2 threads on 2 busy cores: 3-25 tokens/s; 1 thread: 27-38 tokens/s).
+    Half (llama-cpp-python's own default) because llama.cpp's threads spin at barriers: when
+    the event loop or other processes take a core, they stall. Measured on a busy 2-core box:
+    decoding with 2 threads 3-25 tokens/s, with 1 thread 27-38; a 20-token prompt took 0.7-3.9 s
+    to evaluate with 2 threads, 0.2 s with 1.
     """
     return settings.threads or max(1, cpu_count() // 2 // settings.instances)
-
-
-def batch_thread_count(settings: LocalSettings) -> int:
-    """Prompt-evaluation threads per instance: one short parallel batch a call, so all cores."""
-    return settings.threads or max(1, cpu_count() // settings.instances)
 
 
 def load_model(settings: LocalSettings) -> LoadedModel:
@@ -197,7 +193,7 @@ def load_model(settings: LocalSettings) -> LoadedModel:
             model_path=str(path),
             n_ctx=settings.context_size,
             n_threads=threads,
-            n_threads_batch=batch_thread_count(settings),
+            n_threads_batch=threads,
             verbose=False,
         )
     except ValueError as exc:  # llama.cpp's "Failed to load model from file"
@@ -400,6 +396,7 @@ class LocalProvider(Provider):
         default = gguf.model_name(settings)
         super().__init__(default, [default])
         self.settings = settings
+        self.max_concurrency = settings.instances
         self._pool: ModelPool | None = None
 
     @classmethod

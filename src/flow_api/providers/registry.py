@@ -91,7 +91,7 @@ def local_provider(settings: Settings) -> Provider | None:
         if settings.local.enabled:
             raise
         return None
-    if settings.local.enabled is None and not LocalProvider.available():
+    if settings.local.enabled is None and not LocalProvider.available(settings.local):
         return None
     provider: Provider = LocalProvider(settings.local)
     return provider

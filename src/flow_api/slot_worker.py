@@ -1,0 +1,290 @@
+"""bullmq's `Worker` with its run loop replaced: one long-lived task per slot, one round trip a job.
+
+Part of the queue layer: with `queue.py` the only module that imports bullmq (`queue.py` builds
+these; nothing else touches them).
+
+Why. bullmq's `Worker.run` makes a task per job and a task per fetch, and calls `asyncio.wait`
+over every in-flight task each time one finishes, so its cost per job grows with concurrency;
+and it fetches the next job with its own `moveToActive` call after each `moveToFinished`. On
+this 2-core machine each Redis round trip cost about 0.2 ms of worker CPU (mostly the socket
+write), as much as the whole queue layer may spend on a job. Here:
+
+- each slot is one task that loops: take a job, run the processor, finish it;
+- finishing uses `moveToFinished` with `fetchNext` — as Node's BullMQ worker does — so the same
+  script call that completes a job hands the slot its next one: one round trip a job, not two;
+- log lines a handler leaves for the finish (`JobHandle.log_at_finish`) travel in the same
+  pipeline as that script call;
+- when the queue is drained, one slot blocks on BullMQ's marker (`BZPOPMIN`, bullmq's own
+  `getNextJob`) and the others park; a slot that gets a job wakes one more, so a burst of jobs
+  fans out to idle slots one round trip at a time without a thundering herd.
+
+What is unchanged, because it is bullmq's code: the Lua scripts (`moveToActive`,
+`moveToFinished`, `moveToDelayed`, `retryJob`: Node BullMQ clients, bull-board and Taskforce see
+the same states and events), lock renewal (`LockManager`), the stalled-job check, retries and
+backoff (`Job.moveToFailed`), `DelayedError`, `close()` waiting for in-flight jobs and
+`cancelProcessing()` for forced shutdown. Not supported here: `pause()`/`resume()` of a single
+worker (the service never uses them; pausing the queue itself works).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bullmq import DelayedError, Job, UnrecoverableError, Worker
+from bullmq.custom_errors import WaitingChildrenError
+from bullmq.scripts import raw2NextJobData
+from bullmq.timer import Timer
+from redis.exceptions import NoScriptError
+
+PENDING_LOGS = "flow_pending_logs"
+"""Attribute of a bullmq `Job` holding log lines to write with its completion."""
+
+
+def pending_logs(job: Job) -> list[str]:
+    """The job's list of log lines waiting for its finish (created on first use)."""
+    lines: list[str] | None = getattr(job, PENDING_LOGS, None)
+    if lines is None:
+        lines = []
+        setattr(job, PENDING_LOGS, lines)
+    return lines
+
+
+class SlotWorker(Worker):  # type: ignore[misc]  # bullmq ships no type information
+    """A bullmq `Worker` whose `concurrency` slots each run one job after another."""
+
+    running: bool
+    closing: bool
+
+    def __init__(self, name: str, processor: Any, opts: dict[str, Any]) -> None:
+        super().__init__(name, processor, {**opts, "autorun": False})
+        self._parked: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._tokens = itertools.count(1)
+        self._batch = TurnPipeline(self.client)
+
+    # --- the loop -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        if self.running:
+            raise RuntimeError("Worker is already running")
+        await self._ensure_client_names()
+        self.lockManager.start()
+        self.stalledCheckTimer = Timer(
+            self.opts["stalledInterval"] / 1000, self.runStalledJobsCheck, self.emit
+        )
+        self.running = True
+        # Pipelined calls use EVALSHA without redis-py's per-pipeline SCRIPT EXISTS check (an
+        # extra round trip each time): load the script once here; NOSCRIPT falls back above.
+        await self.scripts.commands["moveToFinished"].client.script_load(
+            self.scripts.commands["moveToFinished"].script
+        )
+        slots = {asyncio.ensure_future(self._slot()) for _ in range(self.opts["concurrency"])}
+        # bullmq's close() waits for, and cancelProcessing() cancels, the tasks in `processing`.
+        self.processing = slots
+        try:
+            await asyncio.gather(*slots, return_exceptions=True)
+        finally:
+            self.running = False
+            for task in slots:
+                task.cancel()
+            self.stalledCheckTimer.stop()
+            await self.lockManager.close()
+
+    async def _slot(self) -> None:
+        job: Job | None = None
+        while True:
+            if job is None:
+                if self.closing:
+                    return
+                job = await self._take()
+                if job is None:
+                    continue
+            # A job in hand is run even when closing: it is already active and locked.
+            job = await self._run(job, job.token)
+
+    async def _take(self) -> Job | None:
+        """The next job, waiting while the queue is drained; None when closing."""
+        while not self.closing:
+            if self.waiting is not None:  # another slot is blocked on Redis for the next job
+                await self._park()
+                continue
+            token = f"{self.id}:{next(self._tokens)}"
+            try:
+                job: Job | None = await self.retryIfFailed(
+                    lambda token=token: self.getNextJob(token),
+                    {"delay_in_ms": self.opts["runRetryDelay"], "only_emit_error": True},
+                )
+            except asyncio.CancelledError:
+                if self.closing:
+                    return None
+                raise
+            if job is not None:
+                self._wake_one()  # more may be waiting: let one more idle slot look
+                return job
+        return None
+
+    async def _park(self) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._parked.append(waiter)
+        try:
+            await waiter
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+
+    def _wake_one(self) -> None:
+        while self._parked:
+            waiter = self._parked.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _wake_all(self) -> None:
+        while self._parked:
+            waiter = self._parked.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # --- one job --------------------------------------------------------------------------
+
+    async def _run(self, job: Job, token: str) -> Job | None:
+        """bullmq's `processJob`, finishing with `fetchNext`; returns the next job, if any."""
+        opts = job.opts
+        if "removeOnComplete" not in opts and "removeOnComplete" in self.opts:
+            opts["removeOnComplete"] = self.opts["removeOnComplete"]
+        if "removeOnFail" not in opts and "removeOnFail" in self.opts:
+            opts["removeOnFail"] = self.opts["removeOnFail"]
+        self.jobs.add((job, token))
+        self.lockManager.track_job(job.id, token, int(time.time() * 1000))
+        try:
+            if job.deferredFailure:
+                failure = UnrecoverableError(job.deferredFailure)
+                await job.moveToFailed(failure, token)
+                self.emit("failed", job, failure)
+                return None
+            result = await self.processor(job, token)
+            if self.forceClosing:
+                return None
+            following = await self._complete(job, result, token, fetch_next=not self.closing)
+            job.returnvalue = result
+            job.attemptsMade = job.attemptsMade + 1
+            self.emit("completed", job, result)
+            return following
+        except (DelayedError, WaitingChildrenError):
+            await self._flush_logs(job)
+            return None
+        except Exception as err:
+            try:
+                await self._flush_logs(job)
+                if not self.forceClosing:
+                    await job.moveToFailed(err, token)
+                self.emit("failed", job, err)
+            except Exception as failure:
+                self.emit("error", failure, job)
+            return None
+        finally:
+            self.jobs.discard((job, token))
+            self.lockManager.untrack_job(job.id)
+
+    async def _complete(self, job: Job, result: Any, token: str, *, fetch_next: bool) -> Job | None:
+        """`moveToFinished` (completed) and the job's pending log lines, in this turn's pipeline."""
+        scripts = self.scripts
+        keys, args = scripts.moveToCompletedArgs(
+            job, result, job.opts.get("removeOnComplete", False), token, fetch_next
+        )
+        script = scripts.commands["moveToFinished"]
+        lines = list(getattr(job, PENDING_LOGS, None) or ())
+        logs_key = self.backend.toKey(f"{job.id}:logs")
+
+        def build(pipe: Any) -> None:
+            if lines:
+                pipe.rpush(logs_key, *lines)
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+        raw = (await self.pipelined(build, 2 if lines else 1))[-1]
+        if isinstance(raw, NoScriptError):  # a restarted Redis forgot it: load and run it
+            raw = await script(keys=keys, args=args)
+        elif isinstance(raw, Exception):
+            raise raw
+        getattr(job, PENDING_LOGS, []).clear()
+        if isinstance(raw, int) and raw < 0:
+            raise scripts.finishedErrors(
+                {"code": raw, "jobId": job.id, "command": "moveToFinished", "state": "active"}
+            )
+        if not fetch_next or not raw:
+            return None
+        job_data, job_id, limit_until, delay_until = raw2NextJobData(raw)
+        following: Job | None = await self.nextJobFromJobData(
+            job_data, job_id, limit_until or 0, delay_until or 0, token
+        )
+        if following is not None:
+            self.emit("active", following, "waiting")
+        return following
+
+    async def pipelined(self, build: Callable[[Any], None], count: int) -> list[Any]:
+        """Run the `count` commands `build(pipe)` adds, in one pipeline with every other slot's
+        commands of this event-loop turn; their replies (errors as exception objects)."""
+        return await self._batch.run(build, count)
+
+    async def _flush_logs(self, job: Job) -> None:
+        lines = getattr(job, PENDING_LOGS, None)
+        if lines:
+            await self.client.rpush(self.backend.toKey(f"{job.id}:logs"), *lines)
+            lines.clear()
+
+    async def close(self, force: bool = False) -> None:
+        self.closing = True  # before waking the parked slots, so they see it and end
+        self._wake_all()
+        await super().close(force)
+
+
+class TurnPipeline:
+    """Commands issued by many tasks in one event-loop turn, sent to Redis as one pipeline.
+
+    Why: at hundreds of jobs in flight, the worker's Redis cost is mostly one socket write and
+    one read per round trip, not the commands. Slots that finish or start jobs in the same turn
+    (their replies arrived together) share one round trip; a lone command waits for nothing
+    more than the end of the current turn.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._queued: list[tuple[Callable[[Any], None], int, asyncio.Future[list[Any]]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def run(self, build: Callable[[Any], None], count: int) -> asyncio.Future[list[Any]]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        if not self._queued:
+            loop.call_soon(self._flush)
+        self._queued.append((build, count, future))
+        return future
+
+    def _flush(self) -> None:
+        batch, self._queued = self._queued, []
+        task = asyncio.ensure_future(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[Callable[[Any], None], int, Any]]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        try:
+            for build, _, _ in batch:
+                build(pipe)
+            replies = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        start = 0
+        for _, count, future in batch:
+            if not future.done():
+                future.set_result(replies[start : start + count])
+            start += count
