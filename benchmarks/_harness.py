@@ -246,4 +246,4 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def ratio(value: float, base: float) -> str:
-    return f"{value / base:.2f}×" if base else "n/a"
+    return f"{value / base:.2f}x" if base else "n/a"

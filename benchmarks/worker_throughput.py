@@ -85,7 +85,7 @@ class Result:
         return [
             self.name,
             f"{self.per_s:.0f}",
-            ratio(self.per_s, base.per_s) if base else "1.00×",
+            ratio(self.per_s, base.per_s) if base else "1.00x",
             f"{self.cpu_ms:.2f}",
             f"{self.peak_rss / 2**20:.0f}",
             self.failed,
@@ -292,9 +292,7 @@ def flow_workers(
     count: int, concurrency: int, redis_url: str, sim_url: str
 ) -> Callable[[str], list[Child]]:
     def start(queue_name: str) -> list[Child]:
-        env = worker_env(
-            redis_url, queue_name, sim_url, FLOW_WORKER_CONCURRENCY=str(concurrency)
-        )
+        env = worker_env(redis_url, queue_name, sim_url, FLOW_WORKER_CONCURRENCY=str(concurrency))
         return [
             Child([sys.executable, "-m", "flow_api.cli", "worker"], env=env) for _ in range(count)
         ]
@@ -379,7 +377,7 @@ async def main(args: argparse.Namespace) -> None:
                 sc = args.scale_concurrency
                 rows = [
                     await run_queued(
-                        f"1 × flow-api worker ({sc} slots)",
+                        f"1 x flow-api worker ({sc} slots)",
                         redis,
                         n,
                         flow_workers(1, sc, valkey.url, sim.url),
@@ -387,7 +385,7 @@ async def main(args: argparse.Namespace) -> None:
                         ready="worker consuming queue",
                     ),
                     await run_queued(
-                        f"2 × flow-api worker ({sc} slots each)",
+                        f"2 x flow-api worker ({sc} slots each)",
                         redis,
                         n,
                         flow_workers(2, sc, valkey.url, sim.url),

@@ -52,8 +52,9 @@ def env_for(settings: Settings) -> dict[str, str]:
                 value = value.get_secret_value()
             elif isinstance(value, bool):
                 value = "true" if value else "false"
-            elif isinstance(value, list):
-                value = orjson.dumps(value).decode()
+            elif isinstance(value, list | dict):
+                value = orjson.dumps(value, default=lambda m: m.model_dump(exclude_none=True))
+                value = value.decode()
             env[prefix + name.upper()] = str(value)
     return env
 

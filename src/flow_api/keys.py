@@ -14,6 +14,12 @@ BullMQ owns `<prefix>:<queue>:*`. Flow API adds:
   `FLOW_AUTH_RATE_WINDOW_S`.
 - `flow:<queue>:auth:tokens:<keyId>:<window>` (string): tokens reserved and used in one quota
   window; TTL two windows.
+- `flow:<queue>:budget:{<provider>/<model>}` (hash): a model's shared rate budget (next free
+  request and token times, cooldown after a 429); TTL refreshed on use, a few minutes past the
+  last reservation (see `budget.py`).
+- `flow:<queue>:budget:{<provider>/<model>}:r:<jobId>` (string): the start time reserved for a
+  job put back to wait for budget; TTL its wait plus two minutes. The hash tag keeps a model's
+  keys in one Redis Cluster slot, as its Lua script needs.
 """
 
 from __future__ import annotations
@@ -43,3 +49,11 @@ def rate_limit_prefix(queue_name: str) -> str:
 
 def token_quota_key(queue_name: str, key_id: str, window: int) -> str:
     return f"flow:{queue_name}:auth:tokens:{key_id}:{window}"
+
+
+def budget_key(queue_name: str, provider: str, model: str) -> str:
+    return f"flow:{queue_name}:budget:{{{provider}/{model}}}"
+
+
+def budget_reservation_key(queue_name: str, provider: str, model: str, job_id: str) -> str:
+    return f"{budget_key(queue_name, provider, model)}:r:{job_id}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from langchain_core.messages import AIMessage
@@ -18,8 +19,18 @@ _PROMPT_ONLY = ChatPromptTemplate.from_messages([("human", "{prompt}")])
 _PARSER = StrOutputParser()
 
 
-async def generate(provider: Provider, model: str, request: GenerateRequest) -> Generation:
-    """Run one request on `provider`/`model`; SDK errors come out as domain `ProviderError`s."""
+async def generate(
+    provider: Provider,
+    model: str,
+    request: GenerateRequest,
+    *,
+    observe: Callable[[dict[str, Any]], None] | None = None,
+) -> Generation:
+    """Run one request on `provider`/`model`; SDK errors come out as domain `ProviderError`s.
+
+    `observe`, if given, sees the answer's `response_metadata` (the rate budget reads the
+    provider's rate-limit headers there).
+    """
     options = request.options
     template = _WITH_SYSTEM if options.system else _PROMPT_ONLY
     # The same template -> model -> parser pipeline, run step by step rather than as
@@ -39,6 +50,8 @@ async def generate(provider: Provider, model: str, request: GenerateRequest) -> 
                 f"unexpected provider failure: {type(exc).__name__}: {str(exc)[:300]}"
             ) from exc
         raise mapped from exc
+    if observe is not None:
+        observe(message.response_metadata)
     return Generation(
         text=_PARSER.parse_result([ChatGeneration(message=message)]),
         provider=provider.name,

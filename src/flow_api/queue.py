@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 from bullmq import DelayedError, Job, Queue, UnrecoverableError
@@ -241,16 +241,51 @@ class JobHandle:
     async def begin(self, entry: dict[str, Any]) -> bool:
         """Log the attempt's start and read the cancel flag in one round trip; True if
         cancellation was requested before this worker could hear about it."""
-        backend = self._job.queue.backend
-        pipe = backend.connection.conn.pipeline(transaction=False)
-        pipe.rpush(backend.toKey(f"{self.id}:logs"), orjson.dumps(entry).decode())
-        pipe.hget(backend.toKey(self.id), CANCEL_FIELD)
-        _, flag = await pipe.execute()
-        return flag is not None
+        worker = self._job.queue  # the SlotWorker that took the job
+        logs, job_key = worker.backend.toKey(f"{self.id}:logs"), worker.backend.toKey(self.id)
+        line = orjson.dumps(entry).decode()
+
+        def build(pipe: Any) -> None:
+            pipe.rpush(logs, line)
+            pipe.hget(job_key, CANCEL_FIELD)
+
+        replies = await worker.pipelined(build, 2)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies[1] is not None
 
     async def hand_back(self) -> None:
         """Return the job to the queue without spending an attempt (used on shutdown)."""
         await self._job.moveToDelayed(int(time.time() * 1000), self._token)
+
+    @property
+    def starts(self) -> int:
+        """How many times a worker has taken this job, this time included (BullMQ's `ats`)."""
+        return max(int(self._job.attemptsStarted or 0), self.attempt)
+
+    async def cancel_requested(self) -> bool:
+        """True if a client has asked to cancel the job (one read)."""
+        worker = self._job.queue
+        return await worker.client.hget(worker.backend.toKey(self.id), CANCEL_FIELD) is not None
+
+    async def defer(self, until_ms: int) -> NoReturn:
+        """Put the job back to wait until `until_ms` without spending an attempt, freeing its
+        slot; raises `JobDeferred`, which the consumer turns into bullmq's `DelayedError`."""
+        await self._job.moveToDelayed(until_ms, self._token)
+        raise JobDeferred(until_ms)
+
+
+class JobDeferred(BaseException):
+    """The job went back to the queue to wait (for rate budget); not an outcome of the job.
+
+    A `BaseException` so that handler code's `except Exception` (metering, logging) lets it
+    pass untouched, as it does `asyncio.CancelledError`.
+    """
+
+    def __init__(self, until_ms: int) -> None:
+        super().__init__(until_ms)
+        self.until_ms = until_ms
 
 
 Handler = Callable[[JobHandle], Awaitable[dict[str, Any]]]
@@ -301,6 +336,8 @@ class QueueConsumer:
             self._running[handle.id] = task
         try:
             return await self.handler(handle)
+        except JobDeferred:
+            raise DelayedError("waiting for rate budget") from None
         except asyncio.CancelledError:
             if self._stopping:
                 await asyncio.shield(handle.hand_back())

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ProviderName = Literal["openai", "azure", "anthropic", "local", "fake"]
@@ -169,6 +169,44 @@ class AuthSettings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list, description="browser origins; none")
 
 
+class BudgetLimit(BaseModel):
+    """A provider's per-minute limits for one model (or every model, under `provider/*`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rpm: int | None = Field(None, ge=1, description="requests per minute")
+    tpm: int | None = Field(None, ge=1, description="tokens per minute")
+
+
+class BudgetSettings(BaseSettings):
+    """Provider rate limits shared by every worker through Redis (see `budget.py`)."""
+
+    model_config = _section("FLOW_BUDGET_")
+
+    enabled: bool = Field(True, description="hold calls to the limits below and learned ones")
+    limits: dict[str, BudgetLimit] = Field(
+        default_factory=dict,
+        description='JSON: {"openai/gpt-4o-mini": {"rpm": 500, "tpm": 200000}, "openai/*": ...}',
+    )
+    learn_from_headers: bool = Field(
+        True, description="use the provider's x-ratelimit-limit-* headers where none is set"
+    )
+    headroom: float = Field(0.02, ge=0, le=0.5, description="share of each limit left unused")
+    completion_tokens: int = Field(
+        1024, ge=1, description="completion tokens reserved when a request sets no maxTokens"
+    )
+    cooldown_s: float = Field(1.0, gt=0, description="pause after a 429 that names no wait")
+    inline_wait_ms: int = Field(
+        50, ge=0, description="shorter waits are slept in the slot instead of re-queueing"
+    )
+    horizon_ms: int = Field(
+        3000, ge=100, description="how far ahead a waiting job may hold a reserved start"
+    )
+    max_deferrals: int = Field(
+        100, ge=1, description="after this many put-backs a 429 costs an attempt again"
+    )
+
+
 class Settings(BaseSettings):
     """Every setting of the service, grouped by concern."""
 
@@ -183,6 +221,7 @@ class Settings(BaseSettings):
     anthropic: AnthropicSettings = Field(default_factory=AnthropicSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    budget: BudgetSettings = Field(default_factory=BudgetSettings)
     log_level: str = Field("INFO", description="FLOW_LOG_LEVEL")
 
     @model_validator(mode="after")
@@ -202,4 +241,5 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "anthropic": AnthropicSettings,
     "local": LocalSettings,
     "auth": AuthSettings,
+    "budget": BudgetSettings,
 }

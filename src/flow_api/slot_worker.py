@@ -41,6 +41,7 @@ from bullmq.scripts import raw2NextJobData
 from bullmq.timer import Timer
 from redis.exceptions import NoScriptError
 
+MAX_BLOCK_S = 4.0
 PENDING_LOGS = "flow_pending_logs"
 """Attribute of a bullmq `Job` holding log lines to write with its completion."""
 
@@ -66,12 +67,25 @@ class SlotWorker(Worker):  # type: ignore[misc]  # bullmq ships no type informat
         self._tokens = itertools.count(1)
         self._batch = TurnPipeline(self.client)
 
+    @property
+    def maximumBlockTimeout(self) -> float:
+        # A blocking wait must end before the client's socket timeout (redis-py 8 defaults to
+        # 5 s): past it the client gives up, and bullmq's connection retries with a backoff of
+        # up to 20 s, so delayed jobs due in 5-10 s (bullmq's own cap) started minutes late.
+        return MAX_BLOCK_S
+
     # --- the loop -------------------------------------------------------------------------
 
     async def run(self) -> None:
         if self.running:
             raise RuntimeError("Worker is already running")
         await self._ensure_client_names()
+        # bullmq learns what the server can do only from getRedisVersion(), which its Worker
+        # never calls; without it every blocking wait is rounded up to whole seconds, and
+        # delayed jobs (retries, jobs waiting for rate budget) started up to a second late.
+        for connection in (self.redisConnection, self.blockingRedisConnection):
+            if connection is not None:
+                await connection.getRedisVersion()
         self.lockManager.start()
         self.stalledCheckTimer = Timer(
             self.opts["stalledInterval"] / 1000, self.runStalledJobsCheck, self.emit
@@ -79,9 +93,7 @@ class SlotWorker(Worker):  # type: ignore[misc]  # bullmq ships no type informat
         self.running = True
         # Pipelined calls use EVALSHA without redis-py's per-pipeline SCRIPT EXISTS check (an
         # extra round trip each time): load the script once here; NOSCRIPT falls back above.
-        await self.scripts.commands["moveToFinished"].client.script_load(
-            self.scripts.commands["moveToFinished"].script
-        )
+        await self.client.script_load(self.scripts.commands["moveToFinished"].script)
         slots = {asyncio.ensure_future(self._slot()) for _ in range(self.opts["concurrency"])}
         # bullmq's close() waits for, and cancelProcessing() cancels, the tasks in `processing`.
         self.processing = slots
@@ -276,12 +288,14 @@ class TurnPipeline:
             for build, _, _ in batch:
                 build(pipe)
             replies = await pipe.execute(raise_on_error=False)
-        except BaseException as exc:
+        except asyncio.CancelledError:
+            for _, _, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:
             for _, _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
             return
         start = 0
         for _, count, future in batch:

@@ -11,11 +11,13 @@ from pydantic import ValidationError
 
 from flow_api import history
 from flow_api.auth.metering import UsageMeter
+from flow_api.budget import RateBudget
 from flow_api.errors import (
     FlowError,
     InvalidRequest,
     JobCancelled,
     JobExpired,
+    ProviderRateLimited,
     ProviderTimeout,
 )
 from flow_api.models import GenerateRequest
@@ -34,6 +36,7 @@ class FlowWorker:
         self.settings = settings
         self.registry = registry
         self.meter = UsageMeter(settings)  # settles each job's token quota reservation
+        self.budget = RateBudget(settings)  # provider rate limits shared by all workers
         self.consumer = QueueConsumer(
             settings.redis, settings.worker, self.meter.metered(self.process)
         )
@@ -53,7 +56,7 @@ class FlowWorker:
         )
         warming = [asyncio.create_task(_warm(p)) for p in self.registry.providers.values()]
         try:
-            async with self.meter:
+            async with self.meter, self.budget:
                 await self.consumer.run()
         finally:
             for task in warming:
@@ -71,6 +74,7 @@ class FlowWorker:
         provider_name = job.data.get("provider") or request.options.provider
         provider = self.registry.get(provider_name)
         model = job.data.get("model") or provider.resolve_model(request.options.model)
+        ticket = await self.budget.admit(job, provider.name, model, request)  # or waits queued
         cancelled = await job.begin(history.attempt_started(job.attempt, provider.name, model))
         timeout = self._timeout_s(request)
         error: FlowError | None = None
@@ -79,7 +83,7 @@ class FlowWorker:
                 raise JobCancelled("cancelled before it started; no provider call was made")
             _check_deadline(job)
             async with self._turn(provider.name), asyncio.timeout(timeout):
-                generation = await generate(provider, model, request)
+                generation = await generate(provider, model, request, observe=ticket.observe)
         except TimeoutError:
             error = ProviderTimeout(f"the provider call exceeded the {timeout:g} s timeout")
         except asyncio.CancelledError as exc:
@@ -100,8 +104,11 @@ class FlowWorker:
                 error.code,
                 retry,
             )
+            if isinstance(error, ProviderRateLimited):  # back to the queue, no attempt spent
+                await self.budget.rate_limited(job, ticket, error)
         if error is not None:
             raise error
+        await self.budget.settle(ticket, generation)
         job.log_at_finish(history.attempt_ended(job.attempt, None))  # written with the result
         log.info("job %s completed on attempt %d", job.id, job.attempt)
         return generation.wire()

@@ -189,7 +189,7 @@ class Simulator:
             return self._respond(400, error_body(api, 400, f"simulator: {exc}"), {})
         config = self.config
         now = asyncio.get_running_loop().time()
-        admission = self._window.admit(now, chat.cost, config.rpm, config.tpm)
+        admission = self._window.admit(now, chat.cost, config.rpm, config.tpm, config.window_s)
         headers = admission.headers
         if admission.retry_after is not None:
             self.stats.throttled += 1
@@ -322,6 +322,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SimulatorConfig, str,
     parser.add_argument("--rpm", type=int, default=None, help="requests per minute budget")
     parser.add_argument("--tpm", type=int, default=None, help="tokens per minute budget")
     parser.add_argument("--retry-after", type=float, default=1.0, help="scripted 429 wait")
+    parser.add_argument(
+        "--window", type=float, default=60.0, help="seconds --rpm/--tpm count over (60)"
+    )
     args = parser.parse_args(argv)
     config = SimulatorConfig(
         latency_s=args.latency,
@@ -329,6 +332,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SimulatorConfig, str,
         rpm=args.rpm,
         tpm=args.tpm,
         retry_after_s=args.retry_after,
+        window_s=args.window,
     )
     return config, args.host, args.port
 

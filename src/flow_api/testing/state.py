@@ -22,6 +22,7 @@ class SimulatorConfig:
     rpm: int | None = None
     tpm: int | None = None
     retry_after_s: float = 1.0
+    window_s: float = 60.0  # what `rpm`/`tpm` count over; benchmarks may scale the minute down
 
 
 @dataclass(slots=True)

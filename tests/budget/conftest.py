@@ -1,0 +1,42 @@
+"""Fixtures for the rate budget: the provider simulator and settings pointing workers at it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from flow_api.embedded import EmbeddedValkey
+from flow_api.settings import (
+    BudgetLimit,
+    BudgetSettings,
+    OpenAISettings,
+    ProviderSettings,
+    Settings,
+)
+from flow_api.testing import Simulator, SimulatorConfig
+from tests.conftest import make_settings
+
+MODEL = "gpt-sim"
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[Simulator]:
+    sim = Simulator(SimulatorConfig(retry_after_s=0.2))
+    await sim.start()
+    yield sim
+    await sim.stop()
+
+
+def budget_settings(
+    valkey: EmbeddedValkey, sim: Simulator | None, limits: dict[str, BudgetLimit], **extra: Any
+) -> Settings:
+    """Test settings with these budget limits; OpenAI on the simulator when there is one."""
+    sections: dict[str, Any] = {"budget": BudgetSettings(limits=limits, **extra)}
+    if sim is not None:
+        sections["provider"] = ProviderSettings(default="openai", fake_enabled=True)
+        sections["openai"] = OpenAISettings(
+            api_key="sk-test-not-a-real-key", base_url=sim.base_url, model=MODEL
+        )
+    return make_settings(valkey.url, **sections)
