@@ -78,3 +78,24 @@ async def astop(
 ) -> tuple[int, str]:
     """`stop` without blocking the event loop (the simulator and API may live on it)."""
     return await asyncio.to_thread(stop, process, timeout_s, interrupt=interrupt)
+
+
+async def wait_for_workers(settings: Settings, count: int, timeout_s: float = 30) -> None:
+    """Wait until `count` worker processes are up and idle on the queue: each blocks one
+    connection, named after the queue, in BullMQ's BZPOPMIN. Tests that need every process to
+    take part wait for this: a fast worker can otherwise drain a batch before another starts."""
+    from flow_api.queue import connect
+
+    name = f"{settings.redis.prefix}:{settings.redis.queue_name}"
+    client = connect(settings.redis)
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            clients = await client.client_list()
+            idle = sum(1 for c in clients if c.get("name") == name and c.get("cmd") == "bzpopmin")
+            if idle >= count:
+                return
+            assert asyncio.get_running_loop().time() < deadline, f"{idle} of {count} workers up"
+            await asyncio.sleep(0.1)
+    finally:
+        await client.aclose()

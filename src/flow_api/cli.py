@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -40,6 +41,9 @@ def app_from_env() -> object:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Until the event loop installs its own handlers, SIGTERM stops the process as Ctrl-C does
+    # (a clean exit below), not with the default abrupt termination.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     args = _parser().parse_args(argv)
     settings = Settings()
     logging.basicConfig(
@@ -81,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     except (service.NoProviderError, InsecureBinding) as exc:
         print(f"flow-api: {exc}", file=sys.stderr)
         return 2
+
     return 0
 
 
@@ -91,7 +96,10 @@ def run() -> None:
     time `main` returns; finalizing LangChain's and the SDKs' modules then takes another 0.5 s
     or more, which an orchestrator's stop or a Ctrl-C should not wait for.
     """
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a stop signal before the event loop installed its handlers
+        code = 0
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

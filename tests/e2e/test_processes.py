@@ -13,7 +13,7 @@ import pytest
 from flow_api.embedded import free_port
 from flow_api.settings import Settings
 from tests.conftest import Api
-from tests.processes import astop, env_for, flow_api, wait_healthy
+from tests.processes import astop, env_for, flow_api, wait_for_workers, wait_healthy
 
 
 @pytest.fixture
@@ -76,6 +76,7 @@ async def test_two_worker_processes_share_a_batch_and_run_each_job_once(
     env = env_for(settings)
     workers = [flow_api("worker", env=env) for _ in range(2)]
     try:
+        await wait_for_workers(settings, 2)
         ids = await asyncio.gather(*(api.submit(f"job {i}") for i in range(200)))
         for job_id in ids:
             assert (await api.wait(job_id, timeout_s=60))["status"] == "completed"

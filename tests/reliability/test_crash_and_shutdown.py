@@ -17,7 +17,7 @@ import pytest
 from flow_api.settings import Settings
 from flow_api.testing import Simulator
 from tests.conftest import Api
-from tests.processes import astop, env_for, flow_api
+from tests.processes import astop, env_for, flow_api, wait_for_workers
 
 
 def worker_env(settings: Settings, **overrides: str) -> dict[str, str]:
@@ -161,6 +161,7 @@ async def test_cancel_reaches_the_worker_process_holding_the_job(
 ) -> None:
     workers = [flow_api("worker", env=worker_env(settings)) for _ in range(2)]
     try:
+        await wait_for_workers(settings, 2)  # both up, so neither is stopped mid-start-up
         job_id = await api.submit("[[sim:cx:hang]] spend no more", timeoutMs=120_000)
         await wait_until(lambda: simulator.stats.in_flight == 1, 20, "the call to start")
         answer = await api.client.post(f"/api/ai/jobs/{job_id}/cancel")

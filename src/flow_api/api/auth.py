@@ -21,7 +21,7 @@ from flow_api.errors import Forbidden
 _bearer = HTTPBearer(auto_error=False, description="an API key from `flow-api keys create`")
 
 
-def _access(request: Request) -> AccessControl:
+async def _access(request: Request) -> AccessControl:  # async: no thread hop (deps.py)
     access: AccessControl = request.app.state.access
     return access
 

@@ -1,4 +1,9 @@
-"""Dependency aliases: routes receive the resources the lifespan owns."""
+"""Dependency aliases: routes receive the resources the lifespan owns.
+
+Every dependency is `async def`, even when it awaits nothing: FastAPI runs a plain `def`
+dependency in its thread pool, and the thread hops of a handful of them per request took more
+CPU on the submit path than validating and queueing the job (see docs/performance.md).
+"""
 
 from __future__ import annotations
 
@@ -12,22 +17,22 @@ from flow_api.queue import JobQueue
 from flow_api.settings import Settings
 
 
-def _queue(request: Request) -> JobQueue:
+async def _queue(request: Request) -> JobQueue:
     queue: JobQueue = request.app.state.queue
     return queue
 
 
-def _registry(request: Request) -> ProviderRegistry:
+async def _registry(request: Request) -> ProviderRegistry:
     registry: ProviderRegistry = request.app.state.registry
     return registry
 
 
-def _idempotency(request: Request) -> IdempotencyStore:
+async def _idempotency(request: Request) -> IdempotencyStore:
     store: IdempotencyStore = request.app.state.idempotency
     return store
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 

@@ -42,6 +42,11 @@ class OpenAIProvider(Provider):
             http_async_client=self.http_client(),
         )
 
+    async def warm_up(self) -> None:
+        """Build the default model at worker start, not in the first job: the first build sets
+        up the SDK client and its lazy imports (a few hundred ms of CPU)."""
+        self.chat_model(self.default_model)
+
     def map_error(self, exc: BaseException) -> ProviderError | None:
         return map_sdk_error(exc, openai)
 
