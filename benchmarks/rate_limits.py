@@ -34,10 +34,11 @@ from typing import Any
 
 import orjson
 from _harness import SIM_MODEL, Child, machine, simulator, table, valkey_server, worker_env
-from bullmq import Queue
 from redis.asyncio import Redis
 
-from flow_api.queue import JobQueue
+from flow_api.jobs import JobData
+from flow_api.models import GenerateOptions, GenerateRequest
+from flow_api.queue.producer import JobQueue
 from flow_api.settings import RedisSettings, WorkerSettings
 
 PREFIX = "bull"
@@ -53,7 +54,7 @@ class Setup:
     sim_url: str
     env: dict[str, str]
     children: list[Child]
-    queue: Queue | None = None
+    queue: JobQueue | None = None
     at_window: tuple[int, int, dict[str, Any]] | None = None  # completed, failed, sim stats
     at_end: tuple[int, int, dict[str, Any]] | None = None
 
@@ -64,19 +65,21 @@ def sim_stats(url: str) -> dict[str, Any]:
     return stats
 
 
-async def fill(redis: Redis, queue_name: str, jobs: int) -> Queue:
-    queue = Queue(queue_name, {"connection": redis, "prefix": PREFIX})
+async def fill(redis: Redis, queue_name: str, jobs: int) -> JobQueue:
+    queue = JobQueue(redis, RedisSettings(queue_name=queue_name, prefix=PREFIX), WorkerSettings())
     await queue.pause()
-    options = JobQueue(redis, RedisSettings(queue_name=queue_name), WorkerSettings())
-    batch = []
-    for i in range(jobs):
-        request = {"prompt": PROMPT.format(i=i), "options": {"maxTokens": MAX_TOKENS}}
-        data = {"request": request, "provider": "openai", "model": SIM_MODEL}
-        batch.append(
-            {"name": "generate", "data": data, "opts": options.job_options(uuid.uuid4().hex, None)}
-        )
-    for start in range(0, jobs, 500):
-        await queue.addBulk(batch[start : start + 500])
+    options = GenerateOptions(max_tokens=MAX_TOKENS)
+    await queue.enqueue_many(
+        [
+            JobData.submitted(
+                GenerateRequest(prompt=PROMPT.format(i=i), options=options),
+                provider="openai",
+                model=SIM_MODEL,
+                tenant="default",
+            )
+            for i in range(jobs)
+        ]
+    )
     return queue
 
 

@@ -54,7 +54,9 @@ from _harness import (
 from bullmq import Queue
 from redis.asyncio import Redis
 
-from flow_api.queue import JobQueue
+from flow_api.jobs import JobData
+from flow_api.models import GenerateRequest
+from flow_api.queue.producer import JobQueue
 from flow_api.settings import RedisSettings, WorkerSettings
 
 PREFIX = "bull"
@@ -102,31 +104,28 @@ def median(results: list[Result]) -> Result:
     return sorted(results, key=lambda r: r.per_s)[len(results) // 2]
 
 
-def flow_job(i: int) -> dict[str, Any]:
+def flow_job(i: int) -> JobData:
     """A job as `POST /api/ai/generate` stores it."""
-    request = {"prompt": PROMPT.format(i=i), "options": {}}
-    return {"request": request, "provider": "openai", "model": SIM_MODEL}
+    request = GenerateRequest(prompt=PROMPT.format(i=i))
+    return JobData.submitted(request, provider="openai", model=SIM_MODEL, tenant="default")
 
 
-async def fill(redis: Redis, queue_name: str, jobs: int, *, flow: bool) -> Queue:
-    """Pause the queue and put `jobs` jobs in it (ours with the service's job options)."""
+async def fill(redis: Redis, queue_name: str, jobs: int, *, flow: bool) -> Queue | JobQueue:
+    """Pause the queue and put `jobs` jobs in it (ours through the service's producer)."""
+    if flow:
+        ours = JobQueue(
+            redis, RedisSettings(queue_name=queue_name, prefix=PREFIX), WorkerSettings()
+        )
+        await ours.pause()
+        await ours.enqueue_many([flow_job(i) for i in range(jobs)])
+        return ours
     queue = Queue(queue_name, {"connection": redis, "prefix": PREFIX})
     await queue.pause()
-    options = JobQueue(redis, RedisSettings(queue_name=queue_name), WorkerSettings())
-    batch: list[dict[str, Any]] = []
-    for i in range(jobs):
-        if flow:
-            job_id = uuid.uuid4().hex
-            batch.append(
-                {"name": "generate", "data": flow_job(i), "opts": options.job_options(job_id, None)}
-            )
-        else:
-            batch.append({"name": "bench", "data": {"prompt": PROMPT.format(i=i)}, "opts": {}})
-        if len(batch) == 500:
-            await queue.addBulk(batch)
-            batch = []
-    if batch:
-        await queue.addBulk(batch)
+    batch = [
+        {"name": "bench", "data": {"prompt": PROMPT.format(i=i)}, "opts": {}} for i in range(jobs)
+    ]
+    for start in range(0, jobs, 500):
+        await queue.addBulk(batch[start : start + 500])
     return queue
 
 
@@ -225,14 +224,18 @@ async def child_stock(args: argparse.Namespace) -> None:
 
 async def child_ours_noop(args: argparse.Namespace) -> None:
     """Our QueueConsumer with a handler that does nothing: the queue machinery alone."""
-    from flow_api.queue import JobHandle, QueueConsumer
+    from flow_api.queue.connection import connect
+    from flow_api.queue.consumer import JobHandle, QueueConsumer
 
     async def noop(job: JobHandle) -> dict[str, Any]:
         return {}
 
     settings = WorkerSettings(concurrency=args.concurrency, shutdown_grace_s=5)
-    consumer = QueueConsumer(RedisSettings(url=args.redis, queue_name=args.queue), settings, noop)
+    redis_settings = RedisSettings(url=args.redis, queue_name=args.queue)
+    redis = connect(redis_settings)
+    consumer = QueueConsumer(redis, redis_settings, settings, noop)
     await serve(consumer.run(), consumer.stop)
+    await redis.aclose()
 
 
 async def serve(run: Awaitable[None], stop: Callable[[], Awaitable[None]]) -> None:

@@ -1,29 +1,20 @@
-"""Shared fixtures: a real valkey-server for the session, a real API on a loopback port, and an
-in-process worker. Each test gets its own queue name, so tests never see each other's jobs."""
+"""Fixtures every suite shares: a real valkey-server for the session, the provider simulator,
+a real API on a loopback port, and in-process workers. Each test gets its own queue name, so
+tests never see each other's jobs. Helpers live in `tests/support/`."""
 
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
 
-import httpx
 import pytest
 
-from flow_api.embedded import EmbeddedValkey, free_port
+from flow_api.embedded import EmbeddedValkey
 from flow_api.providers import ProviderRegistry, build_registry
-from flow_api.service import api_server
-from flow_api.settings import (
-    ApiSettings,
-    LocalSettings,
-    ProviderSettings,
-    RedisSettings,
-    Settings,
-    WorkerSettings,
-)
+from flow_api.settings import Settings
+from flow_api.testing import Simulator, SimulatorConfig
 from flow_api.worker import FlowWorker
+from tests.support import Api, WorkerFactory, make_settings, serving
 
 
 @pytest.fixture(scope="session")
@@ -34,80 +25,23 @@ def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedValkey]
     server.stop()
 
 
-def make_settings(redis_url: str, **sections: Any) -> Settings:
-    """Test settings: fake provider on and default, local model off, fast retries."""
-    base: dict[str, Any] = {
-        "redis": RedisSettings(url=redis_url, queue_name=f"test-{uuid.uuid4().hex[:8]}"),
-        "api": ApiSettings(port=free_port()),
-        "worker": WorkerSettings(
-            concurrency=20,
-            job_timeout_s=5,
-            backoff_base_ms=50,
-            backoff_max_ms=500,
-            shutdown_grace_s=5,
-            stalled_interval_ms=5000,
-            lock_duration_ms=10_000,
-        ),
-        "provider": ProviderSettings(fake_enabled=True, default="fake"),
-        "local": LocalSettings(enabled=False),
-    }
-    base.update(sections)
-    return Settings(**base)
-
-
 @pytest.fixture
 def settings(valkey: EmbeddedValkey) -> Settings:
     return make_settings(valkey.url)
 
 
-class Api:
-    """A real uvicorn server on a loopback port, and an HTTP client for it."""
-
-    def __init__(self, settings: Settings, client: httpx.AsyncClient) -> None:
-        self.settings = settings
-        self.client = client
-
-    async def submit(self, prompt: str, **options: Any) -> str:
-        answer = await self.client.post(
-            "/api/ai/generate", json={"prompt": prompt, "options": options}
-        )
-        assert answer.status_code == 202, answer.text
-        job_id: str = answer.json()["jobId"]
-        return job_id
-
-    async def wait(self, job_id: str, timeout_s: float = 20) -> dict[str, Any]:
-        """Poll status until the job finishes; returns the last status body."""
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while True:
-            body: dict[str, Any] = (await self.client.get(f"/api/ai/status/{job_id}")).json()
-            if body["status"] in ("completed", "failed", "cancelled"):
-                return body
-            assert asyncio.get_running_loop().time() < deadline, f"job {job_id} stuck: {body}"
-            await asyncio.sleep(0.05)
-
-
-async def start_api(
-    settings: Settings, registry: ProviderRegistry | None = None
-) -> tuple[Any, asyncio.Task[None]]:
-    server = api_server(settings, registry)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        assert not task.done(), "the API server stopped during start-up"
-        await asyncio.sleep(0.01)
-    return server, task
+@pytest.fixture
+async def simulator() -> AsyncIterator[Simulator]:
+    """The OpenAI/Anthropic-compatible simulator on loopback; `stats.requests` counts calls.
+    A scripted 429 asks for 0.2 s, so tests that meet one stay short."""
+    async with Simulator(SimulatorConfig(retry_after_s=0.2)) as sim:
+        yield sim
 
 
 @pytest.fixture
 async def api(settings: Settings) -> AsyncIterator[Api]:
-    server, task = await start_api(settings)
-    base = f"http://127.0.0.1:{settings.api.port}"
-    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
-        yield Api(settings, client)
-    server.should_exit = True
-    await task
-
-
-WorkerFactory = Callable[..., Awaitable[FlowWorker]]
+    async with serving(settings) as api:
+        yield api
 
 
 @pytest.fixture
@@ -134,7 +68,3 @@ async def start_worker(settings: Settings) -> AsyncIterator[WorkerFactory]:
 @pytest.fixture
 async def worker(start_worker: WorkerFactory) -> FlowWorker:
     return await start_worker()
-
-
-def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent

@@ -10,10 +10,10 @@ from flow_api.errors import (
     ProviderUnavailable,
 )
 from flow_api.providers import ProviderRegistry
-from flow_api.queue import retry_delay_ms
+from flow_api.queue.consumer import retry_delay_ms
 from flow_api.settings import Settings, WorkerSettings
-from tests.conftest import Api, WorkerFactory
-from tests.scripted import ScriptedProvider
+from tests.support import Api, WorkerFactory
+from tests.support.scripted import ScriptedProvider
 
 
 async def run_script(

@@ -53,16 +53,17 @@ from typing import Any
 from redis.asyncio import Redis
 
 from flow_api.errors import FlowError, ProviderRateLimited
+from flow_api.jobs import CHARS_PER_TOKEN, estimate_tokens, now_ms, prompt_chars
 from flow_api.keys import budget_key, budget_reservation_key
 from flow_api.models import GenerateRequest, Generation
 from flow_api.providers.openai_inline import RATELIMIT_FIELD
-from flow_api.queue import JobHandle, connect, redis_errors_as_unavailable
+from flow_api.queue.connection import connect, redis_errors_as_unavailable
+from flow_api.queue.consumer import JobHandle
 from flow_api.settings import BudgetLimit, BudgetSettings, Settings
 
 log = logging.getLogger(__name__)
 
 MINUTE_MS = 60_000
-CHARS_PER_TOKEN = 4
 KEEP_MS = 120_000  # budget keys outlive their last reservation by this much
 
 # KEYS: budget hash, this job's reservation.
@@ -126,10 +127,6 @@ return math.floor(cool)
 """
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 @dataclass(frozen=True, slots=True)
 class Limits:
     rpm: int = 0  # 0: none
@@ -160,12 +157,14 @@ class Ticket:
 
 
 class RateBudget:
-    """The workers' side of the shared rate budgets. No connection until entered."""
+    """The workers' side of the shared rate budgets. No connection until entered; entered with
+    `redis` (the worker process's pool), it uses that one and leaves it open."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, redis: Redis | None = None) -> None:
         self.settings: BudgetSettings = settings.budget
         self.queue_name = settings.redis.queue_name
         self._redis_settings = settings.redis
+        self._pool = redis
         self._redis: Redis | None = None
         self._learned: dict[tuple[str, str], Limits] = {}
         self._throttled_until: dict[tuple[str, str], float] = {}
@@ -175,7 +174,7 @@ class RateBudget:
         self._per_char: dict[tuple[str, str], float] = {}
 
     async def __aenter__(self) -> RateBudget:
-        self._redis = connect(self._redis_settings)
+        self._redis = self._pool or connect(self._redis_settings)
         for name, text in (("acquire", _ACQUIRE), ("settle", _SETTLE), ("cool", _COOL)):
             self._scripts[name] = self._redis.register_script(text)
         return self
@@ -187,7 +186,7 @@ class RateBudget:
         tb: TracebackType | None,
     ) -> None:
         redis, self._redis = self._redis, None
-        if redis is not None:
+        if redis is not None and redis is not self._pool:
             await redis.aclose()
 
     # --- limits ---------------------------------------------------------------------------
@@ -220,10 +219,8 @@ class RateBudget:
     def estimate(self, provider: str, model: str, request: GenerateRequest) -> int:
         """Tokens a request may use: its prompt and system text at the model's learned tokens
         per character (1/4 until answers say), plus `maxTokens` or the configured default."""
-        chars = len(request.prompt) + len(request.options.system or "")
         per_char = self._per_char.get((provider, model), 1 / CHARS_PER_TOKEN)
-        completion = request.options.max_tokens or self.settings.completion_tokens
-        return math.ceil(chars * per_char) + completion
+        return estimate_tokens(request, self.settings.completion_tokens, per_char)
 
     def _learn_tokens(self, ticket: Ticket, prompt_tokens: int) -> None:
         if ticket.chars <= 0 or prompt_tokens <= 0:
@@ -252,7 +249,7 @@ class RateBudget:
         limits = self.limits_for(provider, model)
         tokens = self.estimate(provider, model, request)
         consult = self._consult(provider, model, limits)
-        chars = len(request.prompt) + len(request.options.system or "")
+        chars = prompt_chars(request)
         ticket = Ticket(provider, model, tokens, chars, request.options.max_tokens, limits, consult)
         if not consult:
             return ticket

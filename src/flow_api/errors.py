@@ -1,6 +1,6 @@
 """Typed domain errors. Each carries a stable `code`, an HTTP status and a `retryable` flag.
 
-Third-party errors are mapped to these where they enter (see `providers/errors.py`); retry
+Third-party errors are mapped to these where they enter (see `providers/sdk_errors.py`); retry
 decisions and HTTP answers read these types, never message text.
 """
 
@@ -148,6 +148,13 @@ class JobExpired(FlowError):
 
     code = "expired"
     status = 409
+
+
+class WorkerFault(FlowError):
+    """Something unexpected went wrong in the worker (a bug): retried like a transient error."""
+
+    code = "worker_error"
+    retryable = True
 
 
 # --- provider errors (raised in workers, recorded on the job) -------------------------------

@@ -1,5 +1,8 @@
-"""A job's execution history: attempt events written as JSON lines in the job's BullMQ log, and
-the views (status, result, record) rebuilt from a stored job.
+"""A job's history, written and read in this one module.
+
+Written: attempt events as JSON lines in the job's own BullMQ log (`attempt_started`,
+`attempt_ended`, `note`). Read: `JobHistory`, built once per request from one stored job, whose
+outcome (status and error), view, result and record are each computed once from those lines.
 
 Keeping the history in BullMQ's own per-job log means it expires with the job and other BullMQ
 tools (bull-board, Taskforce) show it too. Lines that are not ours are kept as plain log text.
@@ -9,39 +12,32 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any
 
 import orjson
 from pydantic import ValidationError
 
 from flow_api.errors import FlowError
+from flow_api.jobs import now_ms
 from flow_api.models import (
     Attempt,
     ErrorInfo,
-    GenerateRequest,
     Generation,
     JobRecord,
+    JobResult,
     JobStatus,
     JobView,
     LogLine,
     Timings,
 )
-from flow_api.queue import StoredJob
-
-_STATES = {
-    "completed": JobStatus.COMPLETED,
-    "failed": JobStatus.FAILED,
-    "active": JobStatus.ACTIVE,
-}
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
+from flow_api.queue.store import StoredJob
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+"""This process, as attempts and heartbeats name it."""
+
+# --- written by workers -------------------------------------------------------------------
 
 
 def attempt_started(attempt: int, provider: str, model: str) -> dict[str, Any]:
@@ -66,6 +62,11 @@ def note(message: str) -> dict[str, Any]:
     return {"event": "log", "at": now_ms(), "message": message}
 
 
+# --- read by the API ----------------------------------------------------------------------
+
+_OUTCOMES = {"cancelled": JobStatus.CANCELLED, "expired": JobStatus.EXPIRED}
+
+
 def _when(ms: int | None) -> datetime | None:
     return datetime.fromtimestamp(ms / 1000, UTC) if ms else None
 
@@ -78,75 +79,113 @@ def _parse(line: str) -> dict[str, Any]:
     return entry if isinstance(entry, dict) and "event" in entry else {"message": line}
 
 
-_OUTCOMES = {"cancelled": JobStatus.CANCELLED, "expired": JobStatus.EXPIRED}
+class JobHistory:
+    """What clients are told about one stored job; each part computed at most once."""
 
+    def __init__(self, job: StoredJob) -> None:
+        self.job = job
 
-def _last_error(job: StoredJob) -> ErrorInfo:
-    for entry in reversed([_parse(line) for line in job.log_lines]):
-        if entry.get("event") == "attempt_end" and entry.get("error"):
-            return ErrorInfo.model_validate({**entry["error"], "attempts": job.attempts_made})
-    reason = job.failed_reason or "the job failed"
-    return ErrorInfo(code="job_failed", message=reason, attempts=job.attempts_made)
+    @cached_property
+    def entries(self) -> list[dict[str, Any]]:
+        return [_parse(line) for line in self.job.log_lines]
 
+    @cached_property
+    def outcome(self) -> tuple[JobStatus, ErrorInfo | None]:
+        """The job's status as clients see it, and why it did not complete where it did not.
 
-def _deadline_passed(job: StoredJob) -> bool:
-    start_by = job.data.get("startBy")
-    never_started = job.attempts_made == 0 and job.state != "active"
-    return never_started and isinstance(start_by, int) and now_ms() > start_by
+        A cancel or a passed start deadline shows at once, even before a worker has moved the
+        job out of BullMQ's wait list (the worker then ends it without calling the provider).
+        """
+        job = self.job
+        if job.state is JobStatus.FAILED:
+            error = self._last_error()
+            return _OUTCOMES.get(error.code, JobStatus.FAILED), error
+        if job.state is JobStatus.COMPLETED:
+            return job.state, None
+        if job.cancel_requested_ms is not None:
+            return JobStatus.CANCELLED, ErrorInfo(
+                code="cancelled", message="cancelled by the client"
+            )
+        started = job.attempts_made > 0 or job.state is JobStatus.ACTIVE
+        if job.data.expired(now_ms(), started_before=started):
+            message = "not started before its deadline (startWithinMs)"
+            return JobStatus.EXPIRED, ErrorInfo(code="expired", message=message)
+        return job.state, None
 
+    @property
+    def status(self) -> JobStatus:
+        return self.outcome[0]
 
-def outcome_of(job: StoredJob) -> tuple[JobStatus, ErrorInfo | None]:
-    """The job's status as clients see it, and why it did not complete where it did not.
+    def _last_error(self) -> ErrorInfo:
+        job = self.job
+        for entry in reversed(self.entries):
+            if entry.get("event") == "attempt_end" and entry.get("error"):
+                return ErrorInfo.model_validate({**entry["error"], "attempts": job.attempts_made})
+        reason = job.failed_reason or "the job failed"
+        return ErrorInfo(code="job_failed", message=reason, attempts=job.attempts_made)
 
-    A cancel or a passed start deadline shows at once, even before a worker has moved the job
-    out of BullMQ's wait list (the worker then ends it without calling the provider).
-    """
-    state = _STATES.get(job.state, JobStatus.WAITING)
-    if state is JobStatus.FAILED:
-        error = _last_error(job)
-        return _OUTCOMES.get(error.code, JobStatus.FAILED), error
-    if state is JobStatus.COMPLETED:
-        return state, None
-    if job.cancel_requested_ms is not None:
-        return JobStatus.CANCELLED, ErrorInfo(code="cancelled", message="cancelled by the client")
-    if _deadline_passed(job):
-        message = "not started before its deadline (startWithinMs)"
-        return JobStatus.EXPIRED, ErrorInfo(code="expired", message=message)
-    return state, None
+    @cached_property
+    def view(self) -> JobView:
+        """`GET /api/ai/status/{jobId}`."""
+        job = self.job
+        status, error = self.outcome
+        finished_ms = job.finished_ms or job.cancel_requested_ms or job.data.start_by_ms
+        return JobView(
+            job_id=job.id,
+            status=status,
+            attempts=job.attempts_made + (1 if status is JobStatus.ACTIVE else 0),
+            created_at=_when(job.created_ms) or datetime.now(UTC),
+            started_at=_when(job.started_ms),
+            finished_at=_when(finished_ms) if status.finished else None,
+            error=error,
+            metadata=job.data.metadata,
+        )
 
+    @cached_property
+    def generation(self) -> Generation | None:
+        """The stored result, when the job completed with one."""
+        value = self.job.return_value
+        if self.status is not JobStatus.COMPLETED or not isinstance(value, dict):
+            return None
+        try:
+            return Generation.model_validate(value)
+        except ValidationError:
+            return None
 
-def status_of(job: StoredJob) -> JobStatus:
-    return outcome_of(job)[0]
+    def result(self) -> JobResult | None:
+        """`GET /api/ai/result/{jobId}` once completed with a result; else None."""
+        if self.generation is None:
+            return None
+        view = self.view
+        return JobResult(
+            job_id=view.job_id, status=view.status, result=self.generation, metadata=view.metadata
+        )
 
-
-def metadata_of(job: StoredJob) -> dict[str, Any] | None:
-    options = job.data.get("request", {}).get("options", {})
-    meta = options.get("metadata") if isinstance(options, dict) else None
-    return meta if isinstance(meta, dict) else None
-
-
-def view_of(job: StoredJob) -> JobView:
-    status, error = outcome_of(job)
-    finished_ms = job.finished_ms or job.cancel_requested_ms or job.data.get("startBy")
-    return JobView(
-        job_id=job.id,
-        status=status,
-        attempts=job.attempts_made + (1 if status is JobStatus.ACTIVE else 0),
-        created_at=_when(job.created_ms) or datetime.now(UTC),
-        started_at=_when(job.started_ms),
-        finished_at=_when(finished_ms) if status.finished else None,
-        error=error,
-        metadata=metadata_of(job),
-    )
-
-
-def generation_of(job: StoredJob) -> Generation | None:
-    if status_of(job) is not JobStatus.COMPLETED or not isinstance(job.return_value, dict):
-        return None
-    try:
-        return Generation.model_validate(job.return_value)
-    except ValidationError:
-        return None
+    def record(self) -> JobRecord:
+        """The whole history of a job: request, outcome, attempts, logs, timings."""
+        job, view, entries = self.job, self.view, self.entries
+        started = min((e["at"] for e in entries if e.get("event") == "attempt"), default=None)
+        started = started or job.started_ms
+        finished = job.finished_ms if view.status.finished else None
+        return JobRecord(
+            job_id=job.id,
+            status=view.status,
+            request=job.data.request,
+            result=self.generation,
+            error=view.error,
+            attempts=_attempts(entries),
+            logs=[
+                LogLine(at=_when(e.get("at")) or view.created_at, message=_describe(e))
+                for e in entries
+            ],
+            timings=Timings(
+                queued_at=view.created_at,
+                started_at=_when(started),
+                finished_at=_when(finished),
+                queue_ms=started - job.created_ms if started else None,
+                run_ms=finished - started if finished and started else None,
+            ),
+        )
 
 
 def _attempts(entries: list[dict[str, Any]]) -> list[Attempt]:
@@ -189,30 +228,3 @@ def _describe(entry: dict[str, Any]) -> str:
             )
         return f"attempt {entry.get('attempt')} succeeded"
     return str(entry.get("message", ""))
-
-
-def record_of(job: StoredJob) -> JobRecord:
-    """The whole history of a job: request, outcome, attempts, logs, timings."""
-    entries = [_parse(line) for line in job.log_lines]
-    view = view_of(job)
-    started = min((e["at"] for e in entries if e.get("event") == "attempt"), default=None)
-    started = started or job.started_ms
-    finished = job.finished_ms if view.status.finished else None
-    return JobRecord(
-        job_id=job.id,
-        status=view.status,
-        request=GenerateRequest.model_validate(job.data.get("request", {})),
-        result=generation_of(job),
-        error=view.error,
-        attempts=_attempts(entries),
-        logs=[
-            LogLine(at=_when(e.get("at")) or view.created_at, message=_describe(e)) for e in entries
-        ],
-        timings=Timings(
-            queued_at=view.created_at,
-            started_at=_when(started),
-            finished_at=_when(finished),
-            queue_ms=started - job.created_ms if started else None,
-            run_ms=finished - started if finished and started else None,
-        ),
-    )

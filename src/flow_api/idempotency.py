@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 
 from flow_api.errors import IdempotencyConflict, InvalidRequest
 from flow_api.keys import idempotency_key
-from flow_api.queue import redis_errors_as_unavailable
+from flow_api.queue.connection import redis_errors_as_unavailable
 
 MAX_KEY_CHARS = 255
 

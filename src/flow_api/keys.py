@@ -17,6 +17,8 @@ BullMQ owns `<prefix>:<queue>:*`. Flow API adds:
 - `flow:<queue>:budget:{<provider>/<model>}` (hash): a model's shared rate budget (next free
   request and token times, cooldown after a 429); TTL refreshed on use, a few minutes past the
   last reservation (see `budget.py`).
+- `flow:<queue>:worker:<host>:<pid>` (string): a worker process's heartbeat (its live slot
+  count, see `heartbeat.py`); TTL a few seconds, refreshed while the worker runs.
 - `flow:<queue>:budget:{<provider>/<model>}:r:<jobId>` (string): the start time reserved for a
   job put back to wait for budget; TTL its wait plus two minutes. The hash tag keeps a model's
   keys in one Redis Cluster slot, as its Lua script needs.
@@ -57,3 +59,11 @@ def budget_key(queue_name: str, provider: str, model: str) -> str:
 
 def budget_reservation_key(queue_name: str, provider: str, model: str, job_id: str) -> str:
     return f"{budget_key(queue_name, provider, model)}:r:{job_id}"
+
+
+def worker_heartbeat_key(queue_name: str, worker: str) -> str:
+    return f"flow:{queue_name}:worker:{worker}"
+
+
+def worker_heartbeat_pattern(queue_name: str) -> str:
+    return f"flow:{queue_name}:worker:*"

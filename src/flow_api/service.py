@@ -17,9 +17,8 @@ import uvicorn
 from flow_api.api.app import create_app
 from flow_api.embedded import EmbeddedValkey
 from flow_api.providers import ProviderRegistry, build_registry
-from flow_api.queue import connect
+from flow_api.queue.connection import connect
 from flow_api.settings import Settings
-from flow_api.worker import FlowWorker
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +72,8 @@ async def serve_api(settings: Settings) -> None:
 
 async def run_worker(settings: Settings) -> None:
     """`flow-api worker`: consume until SIGINT/SIGTERM, then drain within the grace period."""
+    from flow_api.worker import FlowWorker  # worker modules: never loaded by the API
+
     registry = build_registry(settings)
     if registry.default is None:
         raise NoProviderError
@@ -90,6 +91,8 @@ async def run_worker(settings: Settings) -> None:
 
 async def run_up(settings: Settings, data_dir: Path) -> None:
     """`flow-api up`: embedded Valkey (persistent, loopback) + API + one worker, one process."""
+    from flow_api.worker import FlowWorker
+
     valkey = EmbeddedValkey(data_dir)
     registry = build_registry(settings)
     if registry.default is None:

@@ -11,7 +11,7 @@ import pytest
 from flow_api.embedded import EmbeddedValkey, free_port
 from flow_api.settings import OpenAISettings
 from flow_api.worker import FlowWorker
-from tests.conftest import Api, WorkerFactory, make_settings, start_api
+from tests.support import Api, WorkerFactory, make_settings, start_api
 
 
 async def test_submit_answers_202_with_an_unguessable_id(api: Api) -> None:

@@ -7,8 +7,8 @@ from typing import Any
 
 from flow_api.providers import ProviderRegistry
 from flow_api.settings import Settings
-from tests.conftest import Api, WorkerFactory
-from tests.scripted import ScriptedProvider
+from tests.support import Api, WorkerFactory
+from tests.support.scripted import ScriptedProvider
 
 
 async def status_of(api: Api, job_id: str) -> dict[str, Any]:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
-
-import pytest
 
 from flow_api.embedded import EmbeddedValkey
 from flow_api.settings import (
@@ -15,18 +12,10 @@ from flow_api.settings import (
     ProviderSettings,
     Settings,
 )
-from flow_api.testing import Simulator, SimulatorConfig
-from tests.conftest import make_settings
+from flow_api.testing import Simulator
+from tests.support import make_settings
 
 MODEL = "gpt-sim"
-
-
-@pytest.fixture
-async def simulator() -> AsyncIterator[Simulator]:
-    sim = Simulator(SimulatorConfig(retry_after_s=0.2))
-    await sim.start()
-    yield sim
-    await sim.stop()
 
 
 def budget_settings(

@@ -10,40 +10,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any
-
-import httpx
 
 from flow_api.budget import MINUTE_MS, RateBudget
 from flow_api.embedded import EmbeddedValkey
 from flow_api.errors import ProviderRateLimited
 from flow_api.keys import budget_key
 from flow_api.models import GenerateOptions, GenerateRequest, Generation, Usage
-from flow_api.queue import JobDeferred, connect
+from flow_api.queue.connection import connect
+from flow_api.queue.consumer import JobDeferred
 from flow_api.settings import BudgetLimit, Settings, WorkerSettings
 from flow_api.testing import Simulator
 from tests.budget.conftest import MODEL, budget_settings
-from tests.conftest import Api, WorkerFactory, start_api
-from tests.processes import astop, env_for, flow_api
-
-
-@contextlib.asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[Api]:
-    server, task = await start_api(settings)
-    base = f"http://127.0.0.1:{settings.api.port}"
-    try:
-        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
-            yield Api(settings, client)
-    finally:
-        server.should_exit = True
-        await task
-
-
-async def record(api: Api, job_id: str) -> dict[str, Any]:
-    body: dict[str, Any] = (await api.client.get(f"/api/ai/jobs/{job_id}")).json()
-    return body
+from tests.support import WorkerFactory, serving
+from tests.support.processes import astop, env_for, flow_api
 
 
 def seconds(stamp: str) -> float:
@@ -64,7 +44,7 @@ async def test_two_worker_processes_share_one_budget(
                 assert (await api.wait(job_id, timeout_s=60))["status"] == "completed"
         finally:
             outputs = [await astop(w) for w in workers]
-        records = [await record(api, i) for i in ids]
+        records = [await api.record(i) for i in ids]
     assert all(code == 0 for code, _ in outputs), outputs
     assert simulator.stats.throttled == 0  # the provider never had to refuse a call
     starts = sorted(seconds(a["startedAt"]) for r in records for a in r["attempts"])
@@ -92,7 +72,7 @@ async def test_a_429_puts_the_job_back_without_spending_an_attempt(
         await start_worker(settings)
         job_id = await api.submit("[[sim:z:429@0.3,429@0.3,ok]] only one attempt")
         status = await api.wait(job_id, timeout_s=20)
-        body = await record(api, job_id)
+        body = await api.record(job_id)
     assert status["status"] == "completed", status  # one attempt allowed, two 429s survived
     # (status["attempts"] read at completion was once 0 in a CI run: an unexplained race between
     # the completion and the counter, left for the next session; every attempt record below is
@@ -116,7 +96,7 @@ async def test_waiting_for_budget_spends_no_attempt(
         ids = [await api.submit(f"paced {i}") for i in range(5)]
         statuses = [await api.wait(i, timeout_s=20) for i in ids]
         took = time.monotonic() - started
-        bodies = [await record(api, i) for i in ids]
+        bodies = [await api.record(i) for i in ids]
     assert [s["status"] for s in statuses] == ["completed"] * 5
     assert [s["attempts"] for s in statuses] == [1] * 5
     assert [len(b["attempts"]) for b in bodies] == [1] * 5  # waiting is not an attempt

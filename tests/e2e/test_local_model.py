@@ -12,8 +12,8 @@ import pytest
 
 from flow_api.embedded import EmbeddedValkey, free_port
 from flow_api.settings import LocalSettings, ProviderSettings, Settings
-from tests.conftest import Api, WorkerFactory, make_settings
-from tests.processes import astop, flow_api, wait_healthy
+from tests.support import Api, WorkerFactory, make_settings
+from tests.support.processes import astop, flow_api, wait_healthy
 
 pytestmark = [pytest.mark.local_model, pytest.mark.timeout(300)]
 

@@ -12,8 +12,8 @@ import pytest
 
 from flow_api.embedded import free_port
 from flow_api.settings import Settings
-from tests.conftest import Api
-from tests.processes import astop, env_for, flow_api, wait_for_workers, wait_healthy
+from tests.support import Api
+from tests.support.processes import astop, env_for, flow_api, wait_for_workers, wait_healthy
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import requests
 from flow_api.embedded import EmbeddedValkey
 from flow_api.service import api_server
 from flow_api.settings import Settings
-from tests.conftest import Api, make_settings
+from tests.support import Api, make_settings
 
 
 class ThreadedApi:

@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from flow_api.keys import CANCEL_FIELD
-from flow_api.queue import connect
-from tests.conftest import Api
+from flow_api.queue.connection import connect
+from tests.support import Api
 
 GENERATE = "/api/ai/generate"
 JSON = {"content-type": "application/json"}

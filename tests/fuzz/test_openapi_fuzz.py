@@ -24,8 +24,8 @@ from schemathesis.checks import (
 from schemathesis.config import SchemathesisConfig
 
 from flow_api.api.app import create_app
-from tests.conftest import make_settings
 from tests.fuzz.conftest import ThreadedApi
+from tests.support import make_settings
 
 MAX_EXAMPLES = 50
 """Per operation, in the fuzzing phase; the examples and coverage phases add their own."""

@@ -16,8 +16,8 @@ import pytest
 
 from flow_api.settings import Settings
 from flow_api.testing import Simulator
-from tests.conftest import Api
-from tests.processes import astop, env_for, flow_api, wait_for_workers
+from tests.support import Api
+from tests.support.processes import astop, env_for, flow_api, wait_for_workers
 
 
 def worker_env(settings: Settings, **overrides: str) -> dict[str, str]:

@@ -11,7 +11,7 @@ import pytest
 from flow_api.settings import Settings
 from flow_api.testing import Simulator
 from flow_api.worker import FlowWorker
-from tests.conftest import Api, WorkerFactory
+from tests.support import Api, WorkerFactory
 
 
 async def record_of(api: Api, job_id: str) -> dict[str, Any]:

@@ -12,9 +12,8 @@ import pytest
 
 from flow_api.embedded import EmbeddedValkey
 from flow_api.testing import Simulator
-from tests.conftest import Api, start_api
-from tests.processes import astop, env_for, flow_api
-from tests.reliability.conftest import cloud_settings
+from tests.support import Api, cloud_settings, start_api
+from tests.support.processes import astop, env_for, flow_api
 
 
 @pytest.mark.timeout(180)
@@ -28,7 +27,7 @@ async def test_every_accepted_job_completes_across_a_restart(
 ) -> None:
     valkey = EmbeddedValkey(tmp_path / "valkey", appendfsync=appendfsync)
     valkey.start()
-    settings = cloud_settings(valkey, simulator.url)
+    settings = cloud_settings(valkey.url, simulator.url)
     settings.worker.lock_duration_ms = 5000
     settings.worker.stalled_interval_ms = 1000
     simulator.config.latency_s = 0.3

@@ -12,8 +12,8 @@ from typing import Any
 import orjson
 
 from flow_api.settings import Settings
-from tests.conftest import Api
 from tests.security.conftest import bearer
+from tests.support import Api
 
 
 def keys(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:

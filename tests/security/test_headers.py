@@ -13,8 +13,8 @@ from fastapi import FastAPI
 from flow_api.api.app import create_app
 from flow_api.embedded import EmbeddedValkey
 from flow_api.settings import AuthSettings
-from tests.conftest import Api, make_settings
 from tests.security.conftest import KeyMaker
+from tests.support import Api, make_settings
 
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 ORIGIN = "https://dashboard.example"

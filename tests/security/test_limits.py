@@ -15,8 +15,8 @@ from flow_api.keys import token_quota_key
 from flow_api.settings import AuthSettings, Settings
 from flow_api.testing.simulator import Simulator
 from flow_api.worker import FlowWorker
-from tests.conftest import WorkerFactory
 from tests.security.conftest import Caller, KeyMaker, simulated_settings
+from tests.support import WorkerFactory
 
 RATE = AuthSettings(enabled=True, requests_per_minute=3, rate_window_s=3)
 QUOTA = AuthSettings(enabled=True, tokens_per_day=100, quota_window_s=3600)

@@ -26,13 +26,8 @@ from flow_api.redaction import redact_secrets
 from flow_api.settings import AuthSettings, Settings
 from flow_api.testing.simulator import Simulator
 from flow_api.worker import FlowWorker
-from tests.security.conftest import (
-    KeyMaker,
-    bearer,
-    flow_api_process,
-    simulated_settings,
-    stop_process,
-)
+from tests.security.conftest import KeyMaker, bearer, simulated_settings
+from tests.support.processes import flow_api, stop
 
 PROVIDER_KEY = f"sk-SECRET-canary-{uuid.uuid4().hex}"
 PROMPT_MARK = f"CANARY-PROMPT-{uuid.uuid4().hex}"
@@ -141,8 +136,8 @@ async def test_processes_log_no_key_and_no_prompt(
         "FLOW_LOG_LEVEL": "INFO",
     }
     _, key = await store.create("acme", "canary", frozenset({Scope.SUBMIT, Scope.READ}))
-    api = flow_api_process("api", env=env)
-    worker = flow_api_process("worker", env=env)
+    api = flow_api("api", env=env)
+    worker = flow_api("worker", env=env)
     outputs: list[str] = []
     try:
         async with httpx.AsyncClient(
@@ -168,7 +163,7 @@ async def test_processes_log_no_key_and_no_prompt(
                 assert status in ("completed", "failed")
     finally:
         for process in (api, worker):
-            outputs.append(stop_process(process)[1])
+            outputs.append(stop(process)[1])
     output = "\n".join(outputs)
     assert "worker consuming queue" in output and "authentication on" in output
     assert secrets_in(output, PROVIDER_KEY, key, PROMPT_MARK) == []

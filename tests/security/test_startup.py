@@ -13,8 +13,8 @@ from flow_api.api.app import create_app
 from flow_api.auth.exposure import InsecureBinding, is_loopback
 from flow_api.embedded import EmbeddedValkey, free_port
 from flow_api.settings import ApiSettings, AuthSettings
-from tests.conftest import make_settings
-from tests.security.conftest import flow_api_process, stop_process
+from tests.support import make_settings
+from tests.support.processes import flow_api, stop
 
 
 def api_env(valkey: EmbeddedValkey, port: int, **extra: str) -> dict[str, str]:
@@ -39,9 +39,9 @@ async def wait_until_serving(port: int, process: subprocess.Popen[bytes]) -> htt
 
 
 def test_api_beyond_loopback_without_auth_refuses_to_start(valkey: EmbeddedValkey) -> None:
-    process = flow_api_process("api", env=api_env(valkey, free_port()))
+    process = flow_api("api", env=api_env(valkey, free_port()))
     process.wait(60)  # it stops by itself
-    code, output = stop_process(process)
+    code, output = stop(process)
     assert code == 2
     assert "refusing to serve on 0.0.0.0 without authentication" in output
     assert "FLOW_AUTH_ENABLED=true" in output and "FLOW_AUTH_ALLOW_UNAUTHENTICATED=true" in output
@@ -59,12 +59,12 @@ async def test_api_beyond_loopback_starts_with_auth_or_the_override(
     valkey: EmbeddedValkey, extra: dict[str, str], expected_status: int, says: str
 ) -> None:
     port = free_port()
-    process = flow_api_process("api", env=api_env(valkey, port, **extra))
+    process = flow_api("api", env=api_env(valkey, port, **extra))
     try:
         answer = await wait_until_serving(port, process)
         assert answer.status_code == expected_status
     finally:
-        code, output = stop_process(process)
+        code, output = stop(process)
     assert code == 0, output
     assert says in output
 

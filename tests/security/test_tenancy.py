@@ -12,8 +12,8 @@ from flow_api.auth.api_keys import ApiKeyStore
 from flow_api.embedded import free_port
 from flow_api.settings import AuthSettings, Settings
 from flow_api.worker import FlowWorker
-from tests.conftest import Api, start_api
 from tests.security.conftest import KeyMaker
+from tests.support import Api, start_api
 
 READS = ["status", "result", "jobs"]
 

@@ -14,6 +14,7 @@ from starlette.routing import Match
 
 from flow_api.api.security import API_HEADERS
 from flow_api.errors import FlowError
+from flow_api.models import ErrorBody, ErrorPayload
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,9 @@ def error_response(
     extra: dict[str, Any] | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    error: dict[str, Any] = {"code": code, "message": message, **(extra or {})}
-    return JSONResponse({"error": error}, status_code=status, headers=headers)
+    """The one shape of every error answer: `ErrorBody`, `{"error": {"code", "message", ...}}`."""
+    body = ErrorBody(error=ErrorPayload(code=code, message=message, **(extra or {})))
+    return JSONResponse(body.wire(), status_code=status, headers=headers)
 
 
 def _field(loc: tuple[Any, ...]) -> str:

@@ -4,7 +4,8 @@
 - `api_keys.py`: the key store; keys are kept only as SHA-256 hashes.
 - `access.py`: `AccessControl`, from an `Authorization` header to a `Principal`, plus limits.
 - `rate.py` / `quota.py`: submits per window (the `limits` library) and tokens per day (Lua).
-- `metering.py`: the worker side of the quota, settling each job with its real usage.
+- the worker side of the quota (settling each job with its real usage) is the `Quota` step of
+  `worker/steps.py`.
 - `exposure.py`: the start-up guard against serving beyond loopback without keys.
 - `commands.py`: `flow-api keys create | list | revoke`.
 """

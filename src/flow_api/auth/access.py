@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
 
 from redis.asyncio import Redis
 
 from flow_api.auth.api_keys import ApiKey, ApiKeyStore
 from flow_api.auth.principal import ANONYMOUS, Principal
-from flow_api.auth.quota import Charge, TokenQuota, estimate_tokens
+from flow_api.auth.quota import TokenQuota
 from flow_api.auth.rate import SubmitRateLimiter
 from flow_api.errors import FlowError, Unauthorized
+from flow_api.jobs import Charge, estimate_tokens
 from flow_api.models import GenerateRequest
 from flow_api.settings import AuthSettings
 
@@ -57,18 +57,15 @@ class AccessControl:
         """Count a submit against the key's request rate; raises `RateLimited`."""
         await self.rate.hit(principal)
 
-    async def reserve_tokens(
-        self, principal: Principal, request: GenerateRequest
-    ) -> dict[str, Any] | None:
+    async def reserve_tokens(self, principal: Principal, request: GenerateRequest) -> Charge | None:
         """Reserve the request's estimated tokens (raises `QuotaExhausted` before anything is
-        queued); returns the reservation to store in the job's data under `CHARGE_FIELD`."""
+        queued); returns the reservation the job carries (`JobData.charge`) to its worker."""
         tokens = estimate_tokens(request, self.settings.estimate_completion_tokens)
-        charge = await self.quota.reserve(principal, tokens)
-        return charge.model_dump() if charge is not None else None
+        return await self.quota.reserve(principal, tokens)
 
-    async def refund(self, reservation: dict[str, Any] | None) -> None:
+    async def refund(self, charge: Charge | None) -> None:
         """Return a reservation whose job was never queued (best effort: Redis may be down)."""
-        if reservation is None:
+        if charge is None:
             return
         with contextlib.suppress(FlowError):
-            await self.quota.settle(Charge.model_validate(reservation), 0)
+            await self.quota.settle(charge, 0)

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from flow_api.auth.principal import Scope, check_tenant_name
 from flow_api.errors import InvalidRequest
 from flow_api.keys import api_key_index, api_key_record
-from flow_api.queue import redis_errors_as_unavailable
+from flow_api.queue.connection import redis_errors_as_unavailable
 
 KEY_PREFIX = "flow_"
 # 32 random bytes in URL-safe base64 are 43 characters.

@@ -17,7 +17,7 @@ from pydantic.alias_generators import to_camel
 from flow_api.auth.api_keys import ApiKey, ApiKeyStore
 from flow_api.auth.principal import Scope
 from flow_api.errors import FlowError
-from flow_api.queue import connect
+from flow_api.queue.connection import connect
 from flow_api.settings import Settings
 
 DEFAULT_SCOPES = "submit,read"

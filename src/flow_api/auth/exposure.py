@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 
-from flow_api.auth.principal import DEFAULT_TENANT
+from flow_api.jobs import DEFAULT_TENANT
 from flow_api.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -5,17 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 from flow_api.errors import InvalidRequest, JobNotFound
-from flow_api.queue import StoredJob
-
-DEFAULT_TENANT = "default"
-"""The tenant of every request while authentication is off, and of jobs stored before tenants
-existed: turning auth on later, keys of this tenant still see those jobs."""
-
-TENANT_FIELD = "tenant"
-"""The field of a job's data that names the tenant that submitted it."""
+from flow_api.jobs import DEFAULT_TENANT
+from flow_api.queue.store import StoredJob
 
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -52,15 +45,10 @@ ANONYMOUS = Principal(tenant=DEFAULT_TENANT, scopes=ALL_SCOPES)
 """Every request while authentication is off."""
 
 
-def tenant_of(data: dict[str, Any]) -> str:
-    tenant = data.get(TENANT_FIELD)
-    return tenant if isinstance(tenant, str) else DEFAULT_TENANT
-
-
 def ensure_owner(job: StoredJob, principal: Principal) -> StoredJob:
     """Return `job` if `principal`'s tenant submitted it; otherwise raise the very `JobNotFound`
     an unknown id gets, so a job id reveals nothing about other tenants' jobs."""
-    if tenant_of(job.data) != principal.tenant:
+    if job.data.tenant != principal.tenant:
         raise JobNotFound(job.id)
     return job
 

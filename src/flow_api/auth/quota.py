@@ -8,22 +8,15 @@ midnight for the default day); a counter lives two windows.
 
 from __future__ import annotations
 
-import math
 import time
 
-from pydantic import BaseModel, ConfigDict
 from redis.asyncio import Redis
 
 from flow_api.auth.principal import Principal
 from flow_api.errors import QuotaExhausted
+from flow_api.jobs import Charge
 from flow_api.keys import token_quota_key
-from flow_api.models import GenerateRequest
-from flow_api.queue import redis_errors_as_unavailable
-
-CHARGE_FIELD = "tokenCharge"
-"""The field of a job's data holding its reservation, for the worker to settle."""
-
-CHARS_PER_TOKEN = 4
+from flow_api.queue.connection import redis_errors_as_unavailable
 
 # Reserve ARGV[2] tokens if they fit under the limit ARGV[1]; returns {admitted, used}.
 _RESERVE = """
@@ -41,24 +34,6 @@ if redis.call("EXISTS", KEYS[1]) == 0 then return 0 end
 if redis.call("INCRBY", KEYS[1], ARGV[1]) < 0 then redis.call("SET", KEYS[1], 0, "KEEPTTL") end
 return 1
 """
-
-
-class Charge(BaseModel):
-    """Tokens reserved for one job in one key's quota window."""
-
-    model_config = ConfigDict(frozen=True)
-
-    key_id: str
-    window: int
-    tokens: int
-
-
-def estimate_tokens(request: GenerateRequest, default_completion: int) -> int:
-    """What a request may spend: prompt and system text at ~4 characters a token, plus its
-    `maxTokens` (or `default_completion` when unset)."""
-    chars = len(request.prompt) + len(request.options.system or "")
-    completion = request.options.max_tokens or default_completion
-    return math.ceil(chars / CHARS_PER_TOKEN) + completion
 
 
 class TokenQuota:

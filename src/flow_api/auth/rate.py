@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from flow_api.auth.principal import Principal
 from flow_api.errors import RateLimited
 from flow_api.keys import rate_limit_prefix
-from flow_api.queue import redis_errors_as_unavailable
+from flow_api.queue.connection import redis_errors_as_unavailable
 
 
 class SubmitRateLimiter:

@@ -16,7 +16,7 @@ from flow_api.settings import OpenAISettings
 
 class OpenAIProvider(Provider):
     """Calls go through the SDK's aiohttp transport: measured here at about twice the calls/s
-    of the default httpx transport at high concurrency (see DESIGN.md)."""
+    of the default httpx transport at high concurrency (see the README, Performance)."""
 
     name = "openai"
 

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Header
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Header, Response
 
-from flow_api import history
 from flow_api.api.auth import AccessDep, SubmitterDep
 from flow_api.api.deps import IdempotencyDep, QueueDep, RegistryDep, SettingsDep
 from flow_api.api.responses import errors
-from flow_api.auth.principal import TENANT_FIELD
-from flow_api.auth.quota import CHARGE_FIELD
 from flow_api.errors import InvalidRequest
+from flow_api.jobs import JobData
 from flow_api.models import GenerateRequest, JobAccepted
-from flow_api.queue import new_job_id
+from flow_api.queue.producer import new_job_id
 from flow_api.settings import ApiSettings
 
 router = APIRouter(prefix="/api/ai", tags=["jobs"])
@@ -40,6 +37,7 @@ def check_limits(body: GenerateRequest, limits: ApiSettings) -> None:
     "/generate",
     status_code=202,
     response_model=JobAccepted,
+    response_model_exclude_none=True,
     responses=errors(400, 401, 403, 409, 413, 422, 429, 503, s409="`idempotency_key_reused`"),
     summary="Submit a prompt; answers with a job id as soon as the job is durably queued",
 )
@@ -51,35 +49,34 @@ async def submit(
     idempotency: IdempotencyDep,
     principal: SubmitterDep,
     access: AccessDep,
+    response: Response,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
-) -> JSONResponse:
+) -> JobAccepted:
     """With an `Idempotency-Key`, the same key and body return the same job (and create no
     second one) for `FLOW_API_IDEMPOTENCY_TTL_S`; the same key with another body is a 409."""
     check_limits(body, settings.api)
     provider, model = registry.resolve(body.options)
-    data: dict[str, Any] = {"request": body.wire(), "provider": provider.name, "model": model}
-    data[TENANT_FIELD] = principal.tenant
-    if body.options.start_within_ms is not None:
-        data["startBy"] = history.now_ms() + body.options.start_within_ms
+    data = JobData.submitted(body, provider=provider.name, model=model, tenant=principal.tenant)
     job_id = new_job_id()
     if idempotency_key is not None:
         fingerprint = orjson.dumps(body.wire(), option=orjson.OPT_SORT_KEYS)
         earlier = await idempotency.claim(principal.tenant, idempotency_key, fingerprint, job_id)
         if earlier is not None:
-            return _accepted(earlier, replayed=True)
+            return _accepted(response, earlier, replayed=True)
+    charge = None
     try:
-        data[CHARGE_FIELD] = await access.reserve_tokens(principal, body)  # or 429
-        await queue.enqueue(data, priority=body.options.priority, job_id=job_id)
+        charge = await access.reserve_tokens(principal, body)  # or 429
+        await queue.enqueue(data.with_charge(charge), priority=body.options.priority, job_id=job_id)
     except Exception:
-        await access.refund(data.get(CHARGE_FIELD))
+        await access.refund(charge)
         if idempotency_key is not None:
             await idempotency.release(principal.tenant, idempotency_key)
         raise
-    return _accepted(job_id)
+    return _accepted(response, job_id)
 
 
-def _accepted(job_id: str, *, replayed: bool = False) -> JSONResponse:
-    headers = {"Location": f"/api/ai/status/{job_id}"}
+def _accepted(response: Response, job_id: str, *, replayed: bool = False) -> JobAccepted:
+    response.headers["Location"] = f"/api/ai/status/{job_id}"
     if replayed:
-        headers["Idempotent-Replayed"] = "true"
-    return JSONResponse(JobAccepted(job_id=job_id).wire(), status_code=202, headers=headers)
+        response.headers["Idempotent-Replayed"] = "true"
+    return JobAccepted(job_id=job_id)

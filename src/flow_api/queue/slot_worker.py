@@ -1,7 +1,6 @@
 """bullmq's `Worker` with its run loop replaced: one long-lived task per slot, one round trip a job.
 
-Part of the queue layer: with `queue.py` the only module that imports bullmq (`queue.py` builds
-these; nothing else touches them).
+Part of the queue layer (`queue/consumer.py` builds it; nothing else touches it).
 
 Why. bullmq's `Worker.run` makes a task per job and a task per fetch, and calls `asyncio.wait`
 over every in-flight task each time one finishes, so its cost per job grows with concurrency;
@@ -24,6 +23,11 @@ the same states and events), lock renewal (`LockManager`), the stalled-job check
 backoff (`Job.moveToFailed`), `DelayedError`, `close()` waiting for in-flight jobs and
 `cancelProcessing()` for forced shutdown. Not supported here: `pause()`/`resume()` of a single
 worker (the service never uses them; pausing the queue itself works).
+
+Slots are supervised: a slot task that ends while the worker is not closing (whatever ended
+it, `CancelledError` included) is logged at ERROR and replaced at once, so the worker never
+silently serves with fewer slots than configured. When slots keep dying faster than
+`MAX_REPLACEMENTS` a minute, the worker cannot serve: `run()` raises `SlotsLost`.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -41,7 +46,11 @@ from bullmq.scripts import raw2NextJobData
 from bullmq.timer import Timer
 from redis.exceptions import NoScriptError
 
+log = logging.getLogger(__name__)
+
 MAX_BLOCK_S = 4.0
+MAX_REPLACEMENTS = 100
+"""Slot replacements tolerated in a minute before the worker gives up (`SlotsLost`)."""
 PENDING_LOGS = "flow_pending_logs"
 """Attribute of a bullmq `Job` holding log lines to write with its completion."""
 
@@ -55,17 +64,24 @@ def pending_logs(job: Job) -> list[str]:
     return lines
 
 
+class SlotsLost(RuntimeError):
+    """Slots kept ending faster than they could be replaced: this worker cannot serve."""
+
+
 class SlotWorker(Worker):  # type: ignore[misc]  # bullmq ships no type information
     """A bullmq `Worker` whose `concurrency` slots each run one job after another."""
 
     running: bool
     closing: bool
+    processing: set[asyncio.Task[None]]
 
     def __init__(self, name: str, processor: Any, opts: dict[str, Any]) -> None:
         super().__init__(name, processor, {**opts, "autorun": False})
         self._parked: collections.deque[asyncio.Future[None]] = collections.deque()
         self._tokens = itertools.count(1)
         self._batch = TurnPipeline(self.client)
+        self._ended: asyncio.Queue[asyncio.Task[None]] = asyncio.Queue()
+        self._replaced: collections.deque[float] = collections.deque()
 
     @property
     def maximumBlockTimeout(self) -> float:
@@ -94,17 +110,47 @@ class SlotWorker(Worker):  # type: ignore[misc]  # bullmq ships no type informat
         # Pipelined calls use EVALSHA without redis-py's per-pipeline SCRIPT EXISTS check (an
         # extra round trip each time): load the script once here; NOSCRIPT falls back above.
         await self.client.script_load(self.scripts.commands["moveToFinished"].script)
-        slots = {asyncio.ensure_future(self._slot()) for _ in range(self.opts["concurrency"])}
-        # bullmq's close() waits for, and cancelProcessing() cancels, the tasks in `processing`.
-        self.processing = slots
+        # bullmq's close() waits for, and cancelProcessing() cancels, the tasks in `processing`:
+        # the set of live slots, kept current as slots are replaced.
+        self.processing = set()
+        for _ in range(self.opts["concurrency"]):
+            self._start_slot()
         try:
-            await asyncio.gather(*slots, return_exceptions=True)
+            await self._supervise()
         finally:
             self.running = False
-            for task in slots:
+            for task in self.processing:
                 task.cancel()
             self.stalledCheckTimer.stop()
             await self.lockManager.close()
+
+    @property
+    def live_slots(self) -> int:
+        """Slot tasks running now."""
+        return sum(1 for task in self.processing if not task.done())
+
+    def _start_slot(self) -> None:
+        task = asyncio.ensure_future(self._slot())
+        self.processing.add(task)
+        task.add_done_callback(self._ended.put_nowait)
+
+    async def _supervise(self) -> None:
+        """Wait for slots to end; replace any that ends while the worker is not closing."""
+        while self.processing:
+            task = await self._ended.get()
+            self.processing.discard(task)
+            if self.closing:
+                continue
+            log.error("a worker slot ended unexpectedly (%s); starting a replacement", _why(task))
+            now = time.monotonic()
+            self._replaced.append(now)
+            while self._replaced and self._replaced[0] < now - 60:
+                self._replaced.popleft()
+            if len(self._replaced) > MAX_REPLACEMENTS:
+                raise SlotsLost(
+                    f"{len(self._replaced)} worker slots ended within a minute; last: {_why(task)}"
+                )
+            self._start_slot()
 
     async def _slot(self) -> None:
         job: Job | None = None
@@ -252,6 +298,13 @@ class SlotWorker(Worker):  # type: ignore[misc]  # bullmq ships no type informat
         self.closing = True  # before waking the parked slots, so they see it and end
         self._wake_all()
         await super().close(force)
+
+
+def _why(task: asyncio.Task[None]) -> str:
+    if task.cancelled():
+        return "cancelled"
+    exc = task.exception()
+    return "returned" if exc is None else f"{type(exc).__name__}: {exc}"
 
 
 class TurnPipeline:

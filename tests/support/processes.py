@@ -6,18 +6,21 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 
 import httpx
-import orjson
-from pydantic import SecretStr
 
-from flow_api.settings import SECTIONS, Settings
+from flow_api.queue.connection import connect
+from flow_api.settings import Settings
+from flow_api.testing.children import env_for, flow_api_command
+
+__all__ = ["astop", "env_for", "flow_api", "stop", "wait_for_workers", "wait_healthy"]
 
 
 def flow_api(*args: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`flow-api ARGS` as a child process, this environment updated with `env` (see
+    `env_for`); stdout and stderr together."""
     return subprocess.Popen(
-        [sys.executable, "-m", "flow_api.cli", *args],
+        flow_api_command(*args),
         env={**os.environ, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -27,6 +30,7 @@ def flow_api(*args: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
 def stop(
     process: subprocess.Popen[bytes], timeout_s: float = 20, *, interrupt: bool = True
 ) -> tuple[int, str]:
+    """SIGINT (if `interrupt` and still running), then its exit code and output."""
     if interrupt and process.poll() is None:
         process.send_signal(signal.SIGINT)
     try:
@@ -38,28 +42,15 @@ def stop(
     return process.returncode, output.decode()
 
 
-def env_for(settings: Settings) -> dict[str, str]:
-    """The environment that makes a child process build the same `Settings`."""
-    env: dict[str, str] = {"FLOW_LOG_LEVEL": settings.log_level}
-    for section in SECTIONS:
-        values = getattr(settings, section)
-        prefix = values.model_config["env_prefix"]
-        for name in type(values).model_fields:
-            value = getattr(values, name)
-            if value is None:
-                continue
-            if isinstance(value, SecretStr):
-                value = value.get_secret_value()
-            elif isinstance(value, bool):
-                value = "true" if value else "false"
-            elif isinstance(value, list | dict):
-                value = orjson.dumps(value, default=lambda m: m.model_dump(exclude_none=True))
-                value = value.decode()
-            env[prefix + name.upper()] = str(value)
-    return env
+async def astop(
+    process: subprocess.Popen[bytes], timeout_s: float = 20, *, interrupt: bool = True
+) -> tuple[int, str]:
+    """`stop` without blocking the event loop (the simulator and API may live on it)."""
+    return await asyncio.to_thread(stop, process, timeout_s, interrupt=interrupt)
 
 
 async def wait_healthy(base: str, process: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+    """Wait until the API at `base` answers `/healthz` (failing if `process` exits first)."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     async with httpx.AsyncClient(base_url=base) as client:
         while asyncio.get_running_loop().time() < deadline:
@@ -73,19 +64,10 @@ async def wait_healthy(base: str, process: subprocess.Popen[bytes], timeout_s: f
     raise AssertionError("service did not become healthy")
 
 
-async def astop(
-    process: subprocess.Popen[bytes], timeout_s: float = 20, *, interrupt: bool = True
-) -> tuple[int, str]:
-    """`stop` without blocking the event loop (the simulator and API may live on it)."""
-    return await asyncio.to_thread(stop, process, timeout_s, interrupt=interrupt)
-
-
 async def wait_for_workers(settings: Settings, count: int, timeout_s: float = 30) -> None:
     """Wait until `count` worker processes are up and idle on the queue: each blocks one
     connection, named after the queue, in BullMQ's BZPOPMIN. Tests that need every process to
     take part wait for this: a fast worker can otherwise drain a batch before another starts."""
-    from flow_api.queue import connect
-
     name = f"{settings.redis.prefix}:{settings.redis.queue_name}"
     client = connect(settings.redis)
     try:

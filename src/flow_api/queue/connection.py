@@ -1,0 +1,46 @@
+"""The Redis client every part of the service uses, and Redis-down errors mapped at the boundary."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from flow_api.errors import FlowError, QueueUnavailable
+from flow_api.settings import RedisSettings
+
+REDIS_DOWN: tuple[type[BaseException], ...] = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.BusyLoadingError,
+    ConnectionError,
+    OSError,
+)
+"""What a lost, restarting or unreachable Redis raises."""
+
+
+def connect(settings: RedisSettings) -> Redis:
+    """A pooled Redis client with short timeouts, so a missing server answers fast."""
+    return Redis.from_url(
+        settings.url,
+        decode_responses=True,
+        socket_timeout=settings.socket_timeout_s,
+        socket_connect_timeout=settings.socket_timeout_s,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+    )
+
+
+@contextlib.contextmanager
+def redis_errors_as_unavailable() -> Iterator[None]:
+    """Turn a lost Redis connection into `QueueUnavailable` (HTTP 503), at the boundary."""
+    try:
+        yield
+    except FlowError:
+        raise
+    except REDIS_DOWN as exc:
+        raise QueueUnavailable(f"the job store is unreachable: {type(exc).__name__}") from exc

@@ -1,0 +1,145 @@
+"""The API's write side of the queue: add jobs with the service's options, flag cancels."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from bullmq import Queue
+from redis.asyncio import Redis
+
+from flow_api.errors import JobNotFound
+from flow_api.jobs import JobData, now_ms
+from flow_api.keys import CANCEL_FIELD, cancel_channel
+from flow_api.queue.connection import connect, redis_errors_as_unavailable
+from flow_api.settings import RedisSettings, WorkerSettings
+
+JOB_NAME = "generate"
+BACKOFF_TYPE = "flow-jitter"
+"""The custom backoff our workers compute (`consumer.retry_delay_ms`)."""
+
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+# Set the cancel flag only on a job that exists (HSET would otherwise create a stray hash).
+_FLAG_CANCEL = """
+if redis.call("EXISTS", KEYS[1]) == 0 then return 0 end
+if redis.call("HSETNX", KEYS[1], ARGV[1], ARGV[2]) == 0 then return 2 end
+return 1
+"""
+
+
+def new_job_id() -> str:
+    """A random, unguessable job id."""
+    return uuid.uuid4().hex
+
+
+def valid_job_id(job_id: str) -> bool:
+    """Whether `job_id` is one this service could have minted.
+
+    BullMQ keys a queue's own structures beside its jobs (`meta`, `wait`, `events`...): only
+    ids of our own form may be looked up, so no request can address those.
+    """
+    return _JOB_ID.fullmatch(job_id) is not None
+
+
+def job_options(settings: WorkerSettings, job_id: str, priority: int | None) -> dict[str, Any]:
+    """BullMQ's options for one of our jobs (BullMQ's camelCase stays in this package)."""
+    keep = {"age": settings.retention_s}
+    opts: dict[str, Any] = {
+        "jobId": job_id,
+        "attempts": settings.attempts,
+        "backoff": {"type": BACKOFF_TYPE, "delay": settings.backoff_base_ms},
+        "removeOnComplete": keep,
+        "removeOnFail": keep,
+        # No Python tracebacks in Redis: they can quote an SDK's error text (a masked key,
+        # a prompt); each attempt's typed error is in the job's log instead.
+        "stackTraceLimit": 0,
+    }
+    if priority is not None:
+        opts["priority"] = priority
+    return opts
+
+
+class JobQueue:
+    """Producer side of the queue, used by the API (and by benchmarks to fill a queue)."""
+
+    def __init__(self, redis: Redis, redis_settings: RedisSettings, worker: WorkerSettings):
+        self.redis = redis
+        self.worker = worker
+        self.bull = Queue(
+            redis_settings.queue_name,
+            {"connection": redis, "prefix": redis_settings.prefix},
+        )
+        self._flag_cancel = redis.register_script(_FLAG_CANCEL)
+
+    async def enqueue(
+        self, data: JobData, priority: int | None = None, job_id: str | None = None
+    ) -> str:
+        """Durably add a job; returns its id (by default a new random one)."""
+        job_id = job_id or new_job_id()
+        with redis_errors_as_unavailable():
+            await self.bull.add(JOB_NAME, data.wire(), job_options(self.worker, job_id, priority))
+        return job_id
+
+    async def enqueue_many(self, jobs: Sequence[JobData], batch: int = 500) -> list[str]:
+        """Add many jobs, `batch` per round trip (benchmarks fill queues this way)."""
+        ids = [new_job_id() for _ in jobs]
+        entries = [
+            {"name": JOB_NAME, "data": d.wire(), "opts": job_options(self.worker, i, None)}
+            for d, i in zip(jobs, ids, strict=True)
+        ]
+        with redis_errors_as_unavailable():
+            for start in range(0, len(entries), batch):
+                await self.bull.addBulk(entries[start : start + batch])
+        return ids
+
+    async def request_cancel(self, job_id: str) -> bool:
+        """Flag a job cancelled and tell the worker holding it, if any. False if already flagged.
+
+        A waiting job is failed as cancelled when a worker takes it (no provider call); a delayed
+        one is promoted so that happens now; an active one is interrupted by its worker.
+        """
+        if not valid_job_id(job_id):
+            raise JobNotFound(job_id)
+        with redis_errors_as_unavailable():
+            flagged = await self._flag_cancel(
+                keys=[self.bull.toKey(job_id)], args=[CANCEL_FIELD, now_ms()]
+            )
+            if flagged == 0:
+                raise JobNotFound(job_id)
+            if flagged == 2:
+                return False
+            await self.redis.publish(cancel_channel(self.bull.name), job_id)
+            if await self.bull.getJobState(job_id) == "delayed":
+                with contextlib.suppress(Exception):  # it may have moved on meanwhile
+                    await self.bull.backend.promote(job_id)
+        return True
+
+    async def pause(self) -> None:
+        """Stop workers from taking jobs (benchmarks fill a paused queue)."""
+        await self.bull.pause()
+
+    async def resume(self) -> None:
+        await self.bull.resume()
+
+    async def ping(self) -> None:
+        with redis_errors_as_unavailable():
+            await self.redis.ping()
+
+    async def close(self) -> None:
+        await self.bull.close()
+
+
+@contextlib.asynccontextmanager
+async def job_queue(redis: RedisSettings, worker: WorkerSettings) -> AsyncIterator[JobQueue]:
+    """A `JobQueue` with its own Redis pool, closed on exit."""
+    client = connect(redis)
+    queue = JobQueue(client, redis, worker)
+    try:
+        yield queue
+    finally:
+        await queue.close()
+        await client.aclose()

@@ -1,0 +1,139 @@
+"""`FlowWorker`: a worker process's job runner, owning its Redis pool for its whole run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+
+from redis.asyncio import Redis
+
+from flow_api.auth.quota import TokenQuota
+from flow_api.budget import RateBudget
+from flow_api.heartbeat import INTERVAL_S, Heartbeat, write_heartbeat
+from flow_api.history import WORKER_ID
+from flow_api.jobs import now_ms
+from flow_api.providers import Provider, ProviderRegistry
+from flow_api.queue.connection import REDIS_DOWN, connect
+from flow_api.queue.consumer import QueueConsumer
+from flow_api.settings import Settings
+from flow_api.worker.attempt import AttemptChain
+from flow_api.worker.steps import Budget, Gate, ProviderTurn, Quota, Record, Resolve, call_provider
+
+log = logging.getLogger(__name__)
+
+
+class WorkerStopped(RuntimeError):
+    """The worker stopped serving without being asked to: its process must exit non-zero."""
+
+
+class FlowWorker:
+    """A worker process's job runner. No side effects until `run()`; `stop()` drains."""
+
+    def __init__(self, settings: Settings, registry: ProviderRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.budget = RateBudget(settings)  # provider rate limits shared by all workers
+        self.consumer: QueueConsumer | None = None
+        self._stop_requested = False
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self) -> AsyncIterator[Redis]:
+        """The process's one Redis pool (quota, budget, cancels, heartbeat), closed on exit."""
+        redis = connect(self.settings.redis)
+        self.budget = RateBudget(self.settings, redis)
+        try:
+            async with self.budget:
+                yield redis
+        finally:
+            await redis.aclose()
+
+    def chain(self, redis: Redis) -> AttemptChain:
+        """An attempt's steps, in order; the provider call comes after the last."""
+        auth = self.settings.auth
+        quota = TokenQuota(redis, self.settings.redis.queue_name, auth.quota_window_s)
+        steps = [
+            Quota(quota),
+            Resolve(self.registry, self.settings.worker),
+            Budget(self.budget),
+            Record(),
+            Gate(),
+            ProviderTurn(self.registry),
+        ]
+        return AttemptChain(steps, call_provider)
+
+    async def run(self) -> None:
+        """Serve until `stop()`. Raises when the worker cannot serve (its slots keep dying, or
+        its loop ended unasked), so that the process exits non-zero."""
+        slots = self.settings.worker.concurrency
+        log.info(
+            "worker consuming queue %r with %d slots as %s; providers: %s (default %s)",
+            self.settings.redis.queue_name,
+            slots,
+            WORKER_ID,
+            ", ".join(self.registry.names) or "none",
+            self.registry.default,
+        )
+        warming = [asyncio.create_task(_warm(p)) for p in self.registry.providers.values()]
+        try:
+            async with self._lifespan() as redis:
+                consumer = QueueConsumer(
+                    redis, self.settings.redis, self.settings.worker, self.chain(redis)
+                )
+                self.consumer = consumer
+                if self._stop_requested:
+                    return
+                beating = asyncio.create_task(self._beat(redis, consumer))
+                try:
+                    await consumer.run()
+                finally:
+                    beating.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await beating
+                if not self._stop_requested:
+                    raise WorkerStopped("the worker's queue loop ended without a stop request")
+        finally:
+            for task in warming:
+                task.cancel()
+
+    async def stop(self) -> None:
+        self._stop_requested = True
+        if self.consumer is not None:
+            await self.consumer.stop()
+
+    @property
+    def live_slots(self) -> int:
+        return self.consumer.live_slots if self.consumer is not None else 0
+
+    async def _beat(self, redis: Redis, consumer: QueueConsumer) -> None:
+        """Report the live slot count to Redis; log it when it changes."""
+        slots = self.settings.worker.concurrency
+        reported = -1
+        while True:
+            live = consumer.live_slots
+            if live != reported and live > 0:
+                level = logging.INFO if live == slots else logging.WARNING
+                log.log(level, "worker %s: %d of %d slots live", WORKER_ID, live, slots)
+                reported = live
+            beat = Heartbeat(
+                worker=WORKER_ID,
+                pid=os.getpid(),
+                slots=slots,
+                live_slots=live,
+                in_flight=consumer.in_flight,
+                at_ms=now_ms(),
+            )
+            try:
+                await write_heartbeat(redis, self.settings.redis.queue_name, beat)
+            except REDIS_DOWN as exc:
+                log.warning("heartbeat not written: %s", type(exc).__name__)
+            await asyncio.sleep(INTERVAL_S if live == slots else 0.2)
+
+
+async def _warm(provider: Provider) -> None:
+    try:
+        await provider.warm_up()
+    except Exception as exc:  # the first job will report it with its code
+        log.warning("could not warm up provider %s: %s", provider.name, exc)

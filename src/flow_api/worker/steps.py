@@ -1,0 +1,181 @@
+"""The steps of an attempt, in the order they run (see `attempt.py` for the chain)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from flow_api import history
+from flow_api.auth.quota import TokenQuota
+from flow_api.budget import RateBudget
+from flow_api.errors import (
+    FlowError,
+    JobCancelled,
+    JobExpired,
+    ProviderRateLimited,
+    ProviderTimeout,
+)
+from flow_api.jobs import now_ms
+from flow_api.models import Generation
+from flow_api.pipeline import generate
+from flow_api.providers import ProviderRegistry
+from flow_api.settings import WorkerSettings
+from flow_api.worker.attempt import Attempt, Step
+
+log = logging.getLogger(__name__)
+
+
+class Quota(Step):
+    """Settles the key's token reservation once the job's outcome is final.
+
+    A completed job's reservation becomes the provider's reported total (the estimate stands
+    when a provider reports none); a job that ends without a result is refunded, since
+    providers do not bill failed calls. A job retried, deferred or handed back on shutdown keeps
+    its reservation for the next attempt.
+    """
+
+    always_on_error = True
+
+    def __init__(self, quota: TokenQuota) -> None:
+        self.quota = quota
+
+    async def after(self, attempt: Attempt) -> None:
+        total = attempt.generation.usage.total_tokens if attempt.generation is not None else 0
+        await self._settle(attempt, total if total > 0 else None)
+
+    async def on_error(self, attempt: Attempt, error: FlowError, final: bool) -> None:
+        if final:
+            await self._settle(attempt, 0)
+
+    async def _settle(self, attempt: Attempt, used: int | None) -> None:
+        charge = attempt.data.charge if attempt.data is not None else None
+        if charge is None:
+            return
+        try:
+            await self.quota.settle(charge, charge.tokens if used is None else used)
+        except FlowError as exc:  # the job's outcome matters more than the ledger
+            log.warning("job %s: token usage not recorded: %s", attempt.job.id, exc.code)
+
+
+class Resolve(Step):
+    """Reads the job's envelope and picks its provider, model and time limit."""
+
+    def __init__(self, registry: ProviderRegistry, settings: WorkerSettings) -> None:
+        self.registry = registry
+        self.settings = settings
+
+    async def before(self, attempt: Attempt) -> None:
+        data = attempt.data = attempt.job.data  # raises InvalidRequest for data not ours
+        options = data.request.options
+        provider = attempt.provider = self.registry.get(data.provider or options.provider)
+        attempt.model = data.model or provider.resolve_model(options.model)
+        timeout_ms = options.timeout_ms
+        attempt.timeout_s = timeout_ms / 1000 if timeout_ms else self.settings.job_timeout_s
+
+
+class Budget(Step):
+    """Takes the call's place in the model's shared rate budget and settles it after.
+
+    Waiting for budget puts the job back without spending an attempt (`JobDeferred`); so does a
+    429, which also cools the model down for every worker.
+    """
+
+    def __init__(self, budget: RateBudget) -> None:
+        self.budget = budget
+
+    async def before(self, attempt: Attempt) -> None:
+        assert attempt.data is not None and attempt.provider is not None
+        attempt.ticket = await self.budget.admit(
+            attempt.job, attempt.provider.name, attempt.model, attempt.data.request
+        )
+
+    async def after(self, attempt: Attempt) -> None:
+        if attempt.ticket is not None and attempt.generation is not None:
+            await self.budget.settle(attempt.ticket, attempt.generation)
+
+    async def on_error(self, attempt: Attempt, error: FlowError, final: bool) -> None:
+        if isinstance(error, ProviderRateLimited) and attempt.ticket is not None:
+            await self.budget.rate_limited(attempt.job, attempt.ticket, error)
+
+
+class Record(Step):
+    """Writes the attempt's start and end into the job's history (the end of every failed
+    attempt, even one that failed before its start was written)."""
+
+    always_on_error = True
+
+    async def before(self, attempt: Attempt) -> None:
+        assert attempt.provider is not None
+        entry = history.attempt_started(attempt.number, attempt.provider.name, attempt.model)
+        attempt.cancelled_before_start = await attempt.job.begin(entry)
+
+    async def after(self, attempt: Attempt) -> None:
+        # Written in the same round trip as the result; DEBUG, not INFO: at hundreds of jobs/s
+        # a line per success was 1-3% of the worker's CPU (py-spy).
+        attempt.job.log_at_finish(history.attempt_ended(attempt.number, None))
+        log.debug("job %s completed on attempt %d", attempt.job.id, attempt.number)
+
+    async def on_error(self, attempt: Attempt, error: FlowError, final: bool) -> None:
+        job = attempt.job
+        await job.log(history.attempt_ended(attempt.number, error))
+        retry = "" if final else " (will retry)"
+        log.info(
+            "job %s attempt %d/%d failed: %s%s",
+            job.id,
+            attempt.number,
+            job.max_attempts,
+            error.code,
+            retry,
+        )
+
+
+class Gate(Step):
+    """Ends the attempt before the call when a client cancelled or the start deadline passed."""
+
+    async def before(self, attempt: Attempt) -> None:
+        if attempt.cancelled_before_start:
+            raise JobCancelled("cancelled before it started; no provider call was made")
+        data = attempt.data
+        assert data is not None
+        now = now_ms()
+        if data.expired(now, started_before=attempt.number > 1):
+            late = (now - (data.start_by_ms or now)) / 1000
+            raise JobExpired(f"not started before its deadline (startWithinMs); {late:.1f} s late")
+
+
+class ProviderTurn(Step):
+    """Waits for a turn on providers with a concurrency cap (the local model)."""
+
+    def __init__(self, registry: ProviderRegistry) -> None:
+        self._turns = {
+            name: asyncio.Semaphore(provider.max_concurrency)
+            for name, provider in registry.providers.items()
+            if provider.max_concurrency
+        }
+
+    async def before(self, attempt: Attempt) -> None:
+        assert attempt.provider is not None
+        turn = self._turns.get(attempt.provider.name)
+        if turn is not None:
+            await turn.acquire()
+
+    def release(self, attempt: Attempt) -> None:
+        assert attempt.provider is not None
+        turn = self._turns.get(attempt.provider.name)
+        if turn is not None:
+            turn.release()
+
+
+async def call_provider(attempt: Attempt) -> Generation:
+    """The provider call itself: the LangChain pipeline under the attempt's time limit."""
+    assert attempt.data is not None and attempt.provider is not None
+    observe = attempt.ticket.observe if attempt.ticket is not None else None
+    try:
+        async with asyncio.timeout(attempt.timeout_s):
+            return await generate(
+                attempt.provider, attempt.model, attempt.data.request, observe=observe
+            )
+    except TimeoutError:
+        raise ProviderTimeout(
+            f"the provider call exceeded the {attempt.timeout_s:g} s timeout"
+        ) from None
