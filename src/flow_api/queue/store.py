@@ -1,4 +1,5 @@
-"""The read side of the queue: one stored job, with BullMQ's states in our names."""
+"""The read side of the queue: one stored job, read in one atomic snapshot, with BullMQ's states
+in our names."""
 
 from __future__ import annotations
 
@@ -14,13 +15,27 @@ from flow_api.models import JobStatus
 from flow_api.queue.connection import redis_errors_as_unavailable
 from flow_api.queue.producer import JobQueue, valid_job_id
 
-_STATES = {
-    "completed": JobStatus.COMPLETED,
-    "failed": JobStatus.FAILED,
-    "active": JobStatus.ACTIVE,
-}
-"""BullMQ's states that have a status of their own; every other one (wait, delayed,
-prioritized, waiting-children, paused) is `waiting` to a client."""
+# One snapshot of a job: its hash, its state and (when asked, or when it failed: a failure's
+# reason is in its last attempt's log line) its log, in one atomic script. Read in separate
+# round trips, a job finishing between them was reported with the new state and the old data
+# ("completed" with 0 attempts and no result). Only the states that have a status of their own
+# are told apart; every other one (wait, delayed, prioritized, paused...) is `waiting`.
+# KEYS: job hash, completed, failed, active, logs. ARGV: job id, with logs ("1" or "0").
+_SNAPSHOT = """
+local hash = redis.call("HGETALL", KEYS[1])
+if #hash == 0 then return {} end
+local state = "waiting"
+if redis.call("ZSCORE", KEYS[2], ARGV[1]) then
+  state = "completed"
+elseif redis.call("ZSCORE", KEYS[3], ARGV[1]) then
+  state = "failed"
+elseif redis.call("LPOS", KEYS[4], ARGV[1]) then
+  state = "active"
+end
+local logs = {}
+if ARGV[2] == "1" or state == "failed" then logs = redis.call("LRANGE", KEYS[5], 0, -1) end
+return {hash, state, logs}
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,27 +62,37 @@ class JobStore:
 
     def __init__(self, queue: JobQueue) -> None:
         self.bull = queue.bull
+        self._snapshot = queue.redis.register_script(_SNAPSHOT)
 
     async def fetch(self, job_id: str, *, with_logs: bool = False) -> StoredJob:
-        """Read one job; raises `JobNotFound` for unknown (or expired) ids, and for jobs whose
-        data is not a job of ours (another producer's, on the same queue)."""
+        """Read one job as it was at one instant; raises `JobNotFound` for unknown (or expired)
+        ids, and for jobs whose data is not a job of ours (another producer's)."""
+        if not valid_job_id(job_id):
+            raise JobNotFound(job_id)
+        key = self.bull.toKey
         with redis_errors_as_unavailable():
-            raw = await self.bull.backend.getJobData(job_id) if valid_job_id(job_id) else None
-            if not raw:
-                raise JobNotFound(job_id)
-            job = Job.fromJSON(self.bull, raw, job_id)
-            try:
-                data = JobData.parse(job.data)
-            except FlowError:
-                raise JobNotFound(job_id) from None
-            state = _STATES.get(await self.bull.getJobState(job_id), JobStatus.WAITING)
-            lines: list[str] = []
-            if with_logs or state is JobStatus.FAILED:  # a failure's reason is in its last attempt
-                found = await self.bull.getJobLogs(job_id)
-                lines = list(found.get("logs", []))
+            reply = await self._snapshot(
+                keys=[
+                    key(job_id),
+                    key("completed"),
+                    key("failed"),
+                    key("active"),
+                    key(f"{job_id}:logs"),
+                ],
+                args=[job_id, "1" if with_logs else "0"],
+            )
+        if not reply:
+            raise JobNotFound(job_id)
+        flat, state, lines = reply
+        raw = dict(zip(flat[::2], flat[1::2], strict=True))
+        job = Job.fromJSON(self.bull, raw, job_id)
+        try:
+            data = JobData.parse(job.data)
+        except FlowError:
+            raise JobNotFound(job_id) from None
         return StoredJob(
             id=job_id,
-            state=state,
+            state=JobStatus(state),
             data=data,
             created_ms=job.timestamp,
             started_ms=getattr(job, "processedOn", None),
@@ -75,6 +100,6 @@ class JobStore:
             attempts_made=job.attemptsMade,
             failed_reason=getattr(job, "failedReason", None),
             return_value=job.returnvalue,
-            log_lines=lines,
+            log_lines=list(lines),
             cancel_requested_ms=int(raw[CANCEL_FIELD]) if raw.get(CANCEL_FIELD) else None,
         )

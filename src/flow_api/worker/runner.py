@@ -113,7 +113,7 @@ class FlowWorker:
         reported = -1
         while True:
             live = consumer.live_slots
-            if live != reported and live > 0:
+            if live != reported and live > 0 and not self._stop_requested:
                 level = logging.INFO if live == slots else logging.WARNING
                 log.log(level, "worker %s: %d of %d slots live", WORKER_ID, live, slots)
                 reported = live

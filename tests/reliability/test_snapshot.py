@@ -1,0 +1,73 @@
+"""Every answer about a job is a state the job was really in (issue 21).
+
+Clients poll status as fast as they can while jobs finish; every answer must be consistent:
+`completed` ⇒ attempts ≥ 1 and a result; `failed` ⇒ an error; `active` ⇒ `startedAt`; and
+timestamps never go backwards between two reads of a job. Before the store read a job in one
+snapshot, about a third of fast-polled completions said `"attempts": 0`.
+
+`FLOW_SNAPSHOT_JOBS` sets the number of jobs (default 200; the issue's run used 10 000).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import pytest
+
+from flow_api.settings import Settings, WorkerSettings
+from flow_api.testing import Simulator
+from tests.support import TERMINAL, Api, WorkerFactory
+
+JOBS = int(os.environ.get("FLOW_SNAPSHOT_JOBS", "200"))
+STAMPS = ("createdAt", "startedAt", "finishedAt")
+
+
+def problems_in(body: dict[str, Any], before: dict[str, Any] | None) -> list[str]:
+    found = []
+    status = body["status"]
+    if status == "completed" and body.get("attempts", 0) < 1:
+        found.append("completed with 0 attempts")
+    if status == "failed" and not body.get("error"):
+        found.append("failed without an error")
+    if status == "active" and not body.get("startedAt"):
+        found.append("active without startedAt")
+    if before is not None:
+        for stamp in STAMPS:
+            if before.get(stamp) and (not body.get(stamp) or body[stamp] < before[stamp]):
+                found.append(f"{stamp} went back: {before[stamp]} -> {body.get(stamp)}")
+    return found
+
+
+async def poll(api: Api, job_id: str) -> list[str]:
+    """Poll one job until it ends, then read its result; the inconsistencies seen."""
+    found: list[str] = []
+    before: dict[str, Any] | None = None
+    while True:
+        body = await api.status(job_id)
+        found += [f"{job_id}: {p} in {body}" for p in problems_in(body, before)]
+        before = body
+        if body["status"] in TERMINAL:
+            break
+        await asyncio.sleep(0.001)
+    if body["status"] == "completed":
+        answer = await api.get(f"/api/ai/result/{job_id}")
+        if answer.status_code != 200 or not answer.json().get("result"):
+            found.append(f"{job_id}: completed, but /result answered {answer.text}")
+    return found
+
+
+@pytest.mark.timeout(600)
+async def test_fast_polling_sees_only_consistent_answers(
+    api: Api, settings: Settings, simulator: Simulator, start_worker: WorkerFactory
+) -> None:
+    simulator.config.latency_s = 0.03
+    worker = settings.model_copy(
+        update={"worker": WorkerSettings(**{**settings.worker.model_dump(), "concurrency": 100})}
+    )
+    await start_worker(worker)
+    ids = list(await asyncio.gather(*(api.submit(f"snapshot {i}") for i in range(JOBS))))
+    found = [p for problems in await asyncio.gather(*(poll(api, i) for i in ids)) for p in problems]
+    print(f"\n{JOBS} jobs polled; {len(found)} inconsistent answers")
+    assert found == [], found[:10]
