@@ -20,10 +20,6 @@ from tests.support import Api
 from tests.support.processes import astop, env_for, flow_api, wait_for_workers
 
 
-def worker_env(settings: Settings, **overrides: str) -> dict[str, str]:
-    return {**env_for(settings), **overrides}
-
-
 @pytest.fixture
 def fast_locks(settings: Settings) -> Iterator[Settings]:
     # Shorter locks so crash recovery happens within the test's time; production uses 30 s.
@@ -55,7 +51,7 @@ async def test_sigkill_with_hundreds_in_flight_loses_nothing(
     ids = list(
         await asyncio.gather(*(api.submit(f"[[sim:c{i}:ok]] crash {i}") for i in range(total)))
     )
-    doomed = flow_api("worker", env=worker_env(fast_locks))
+    doomed = flow_api("worker", env=env_for(fast_locks))
     try:
         await wait_until(lambda: simulator.stats.in_flight >= 200, 30, "calls in flight")
         doomed.send_signal(signal.SIGKILL)
@@ -68,7 +64,7 @@ async def test_sigkill_with_hundreds_in_flight_loses_nothing(
     # `in_flight` before the kill missed calls that arrived between the sample and the signal.
     await asyncio.sleep(0.5)
     in_flight_at_crash = sum(simulator.stats.by_key.values())
-    rescuer = flow_api("worker", env=worker_env(fast_locks))
+    rescuer = flow_api("worker", env=env_for(fast_locks))
     try:
         for job_id in ids:
             assert (await api.wait(job_id, timeout_s=60))["status"] == "completed"
@@ -90,7 +86,7 @@ async def test_a_slow_healthy_call_is_not_run_twice(
 ) -> None:
     # The call lasts more than three lock durations; lock renewal must keep it ours while a
     # second worker's stalled-job check runs every second.
-    workers = [flow_api("worker", env=worker_env(fast_locks)) for _ in range(2)]
+    workers = [flow_api("worker", env=env_for(fast_locks)) for _ in range(2)]
     try:
         job_id = await api.submit("[[sim:slow:hang@10]] slow but fine", timeoutMs=30_000)
         assert (await api.wait(job_id, timeout_s=40))["status"] == "completed"
@@ -100,17 +96,28 @@ async def test_a_slow_healthy_call_is_not_run_twice(
     assert simulator.stats.by_key["slow"] == 1
 
 
+async def sigterm_in_flight(
+    api: Api, settings: Settings, simulator: Simulator, grace_s: int, prompts: list[str]
+) -> tuple[list[str], str, float]:
+    """A worker with `FLOW_WORKER_SHUTDOWN_GRACE_S=grace_s` gets SIGTERM once every prompt's
+    call is in flight; the job ids, its output and how long it took to exit (code 0)."""
+    worker = flow_api("worker", env=env_for(settings, FLOW_WORKER_SHUTDOWN_GRACE_S=str(grace_s)))
+    ids = [await api.submit(prompt) for prompt in prompts]
+    count = len(prompts)
+    await wait_until(lambda: simulator.stats.in_flight == count, 20, f"{count} calls in flight")
+    started = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    code, output = await astop(worker, timeout_s=grace_s + 14, interrupt=False)
+    took = time.monotonic() - started
+    assert code == 0, output
+    return ids, output, took
+
+
 async def test_sigterm_lets_in_flight_jobs_finish(
     api: Api, settings: Settings, simulator: Simulator
 ) -> None:
-    worker = flow_api("worker", env=worker_env(settings, FLOW_WORKER_SHUTDOWN_GRACE_S="20"))
-    ids = [await api.submit(f"[[sim:t{i}:hang@2]] finish me") for i in range(20)]
-    await wait_until(lambda: simulator.stats.in_flight == 20, 20, "20 calls in flight")
-    started = time.monotonic()
-    worker.send_signal(signal.SIGTERM)
-    code, output = await astop(worker, timeout_s=30, interrupt=False)
-    took = time.monotonic() - started
-    assert code == 0, output
+    prompts = [f"[[sim:t{i}:hang@2]] finish me" for i in range(20)]
+    ids, output, took = await sigterm_in_flight(api, settings, simulator, 20, prompts)
     assert [s["status"] for s in await statuses(api, ids)] == ["completed"] * 20, output[-3000:]
     assert all(simulator.stats.by_key[f"t{i}"] == 1 for i in range(20))
     print(f"\nSIGTERM with 20 in flight: all completed, exit after {took:.2f} s")
@@ -119,21 +126,14 @@ async def test_sigterm_lets_in_flight_jobs_finish(
 async def test_sigterm_past_the_grace_period_hands_jobs_back(
     api: Api, settings: Settings, simulator: Simulator
 ) -> None:
-    env = worker_env(settings, FLOW_WORKER_SHUTDOWN_GRACE_S="1")
-    worker = flow_api("worker", env=env)
-    ids = [await api.submit(f"[[sim:h{i}:hang@60,ok]] too slow") for i in range(10)]
-    await wait_until(lambda: simulator.stats.in_flight == 10, 20, "10 calls in flight")
-    started = time.monotonic()
-    worker.send_signal(signal.SIGTERM)
-    code, output = await astop(worker, timeout_s=15, interrupt=False)
-    took = time.monotonic() - started
-    assert code == 0, output
+    prompts = [f"[[sim:h{i}:hang@60,ok]] too slow" for i in range(10)]
+    ids, _, took = await sigterm_in_flight(api, settings, simulator, 1, prompts)
     assert took < 5
     views = await statuses(api, ids)
     assert [v["status"] for v in views] == ["waiting"] * 10, "nothing may be left active"
     assert [v["attempts"] for v in views] == [0] * 10, "a hand-back must not burn an attempt"
 
-    successor = flow_api("worker", env=env)
+    successor = flow_api("worker", env=env_for(settings, FLOW_WORKER_SHUTDOWN_GRACE_S="1"))
     try:
         for job_id in ids:
             assert (await api.wait(job_id, timeout_s=30))["status"] == "completed"
@@ -143,7 +143,7 @@ async def test_sigterm_past_the_grace_period_hands_jobs_back(
 
 
 async def test_an_idle_worker_stops_fast(api: Api, settings: Settings) -> None:
-    worker = flow_api("worker", env=worker_env(settings))
+    worker = flow_api("worker", env=env_for(settings))
     job_id = await api.submit("warm up")
     assert (await api.wait(job_id))["status"] == "completed"
     await asyncio.sleep(1.5)  # idle, blocked waiting for jobs
@@ -159,7 +159,7 @@ async def test_an_idle_worker_stops_fast(api: Api, settings: Settings) -> None:
 async def test_cancel_reaches_the_worker_process_holding_the_job(
     api: Api, settings: Settings, simulator: Simulator
 ) -> None:
-    workers = [flow_api("worker", env=worker_env(settings)) for _ in range(2)]
+    workers = [flow_api("worker", env=env_for(settings)) for _ in range(2)]
     try:
         await wait_for_workers(settings, 2)  # both up, so neither is stopped mid-start-up
         job_id = await api.submit("[[sim:cx:hang]] spend no more", timeoutMs=120_000)
