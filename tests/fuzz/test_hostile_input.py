@@ -36,6 +36,12 @@ def with_options(options: bytes) -> bytes:
     return b'{"prompt":"x","options":' + options + b"}"
 
 
+def huge(option: str, digits: int = 1000, sign: str = "") -> bytes:
+    """Options whose `option` is the integer 10**digits (negated with `sign="-"`)."""
+    number = (sign + "1" + "0" * digits).encode()
+    return with_options(b'{"' + option.encode() + b'":' + number + b"}")
+
+
 def error_code(answer: httpx.Response) -> str:
     """The `error.code` of a 4xx answer with our JSON error body; fails on anything else."""
     assert 400 <= answer.status_code < 500, (answer.status_code, answer.text[:300])
@@ -114,35 +120,11 @@ REFUSED: list[tuple[str, dict[str, str], bytes, int, str]] = [
     ("form-encoded body", FORM, b"prompt=x", 422, "invalid_body"),
     ("no content type", {}, b'{"prompt":"x"}', 422, "invalid_body"),
     ("temperature 1e400", JSON, with_options(b'{"temperature":1e400}'), 422, "invalid_value"),
-    (
-        "temperature 10**1000",
-        JSON,
-        with_options(b'{"temperature":1' + b"0" * 1000 + b"}"),
-        422,
-        "invalid_value",
-    ),
-    (
-        "maxTokens 10**1000",
-        JSON,
-        with_options(b'{"maxTokens":1' + b"0" * 1000 + b"}"),
-        422,
-        "invalid_value",
-    ),
-    (
-        "priority -10**1000",
-        JSON,
-        with_options(b'{"priority":-1' + b"0" * 1000 + b"}"),
-        422,
-        "invalid_value",
-    ),
-    (
-        # Python refuses to parse integers of over 4300 digits: the body is not read at all.
-        "maxTokens with 5000 digits",
-        JSON,
-        with_options(b'{"maxTokens":1' + b"0" * 5000 + b"}"),
-        400,
-        "invalid_json",
-    ),
+    ("temperature 10**1000", JSON, huge("temperature"), 422, "invalid_value"),
+    ("maxTokens 10**1000", JSON, huge("maxTokens"), 422, "invalid_value"),
+    ("priority -10**1000", JSON, huge("priority", sign="-"), 422, "invalid_value"),
+    # Python refuses to parse integers of over 4300 digits: the body is not read at all.
+    ("maxTokens with 5000 digits", JSON, huge("maxTokens", digits=5000), 400, "invalid_json"),
     ("temperature NaN", JSON, with_options(b'{"temperature":NaN}'), 422, "invalid_value"),
     ("temperature Infinity", JSON, with_options(b'{"temperature":Infinity}'), 422, "invalid_value"),
     (
