@@ -4,6 +4,7 @@ in-process worker. Each test gets its own queue name, so tests never see each ot
 from __future__ import annotations
 
 import asyncio
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -138,3 +139,16 @@ async def worker(start_worker: WorkerFactory) -> FlowWorker:
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Native model code runs only in model processes: the test process must never load it
+    (a llama.cpp build that crashes on this CPU must fail one test, not kill the run)."""
+    if "llama_cpp" in sys.modules:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = "FAILED: llama_cpp was imported into the pytest process"
+        if reporter is not None:
+            reporter.write_line(message, red=True)
+        else:
+            print(message, file=sys.stderr)
