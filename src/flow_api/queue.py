@@ -129,11 +129,15 @@ class JobQueue:
     async def fetch(self, job_id: str, *, with_logs: bool = False) -> StoredJob:
         """Read one job; raises `JobNotFound` for unknown (or expired) ids."""
         with redis_errors_as_unavailable():
-            raw = await self.queue.backend.getJobData(job_id) if _valid_id(job_id) else None
+            # State before data: read the other way round, a job finishing in between looked
+            # "completed" with no result yet (a 409 from /result for a completed job).
+            if not _valid_id(job_id):
+                raise JobNotFound(job_id)
+            state = await self.queue.getJobState(job_id)
+            raw = await self.queue.backend.getJobData(job_id)
             if not raw:
                 raise JobNotFound(job_id)
             job = Job.fromJSON(self.queue, raw, job_id)
-            state = await self.queue.getJobState(job_id)
             lines: list[str] = []
             if with_logs or state == "failed":  # a failure's reason is in its last attempt
                 found = await self.queue.getJobLogs(job_id)

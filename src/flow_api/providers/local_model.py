@@ -152,7 +152,7 @@ class LoadedModel:
             )
         stream = TokenStream(self.llm, len(tokens), on_token) if on_token else None
 
-        def stop_here(ids: Sequence[int], _logits: Any) -> bool:
+        def stop_here(ids: Any, _logits: Any) -> bool:  # numpy arrays
             if stream is not None:
                 stream(ids)
             return should_stop()
