@@ -178,12 +178,14 @@ async def test_a_model_process_segfault_mid_generation_is_retried_and_the_api_ke
     await local.warm_up()
     (first_pid,) = local.pool().pids()
 
-    job_id = await api.submit("Count from 1 to 500, separated by commas.", maxTokens=160)
-    for _ in range(400):  # until the job is running, then well into generating
-        if (await api.client.get(f"/api/ai/status/{job_id}")).json()["status"] == "active":
+    job_id = await api.submit(
+        "Count from 1 to 500, separated by commas.", maxTokens=160, temperature=0
+    )
+    for _ in range(400):  # until the model process is running the job
+        if any(p.current is not None for p in local.pool().processes):
             break
         await asyncio.sleep(0.02)
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(0.5)  # well into generating (160 tokens take 5 s or more here)
     os.kill(first_pid, signal.SIGSEGV)
 
     view, latencies = await poll_until_finished(api, job_id)
@@ -277,7 +279,9 @@ async def test_check_names_the_crash_and_the_fix(
 async def test_sigkill_of_the_worker_leaves_no_model_process(api: Api, settings: Settings) -> None:
     worker = flow_api("worker", env=env_for(settings))
     try:
-        job_id = await api.submit("Count from 1 to 500, separated by commas.", maxTokens=400)
+        job_id = await api.submit(
+            "Count from 1 to 500, separated by commas.", maxTokens=400, temperature=0
+        )
         for _ in range(1200):
             status = (await api.client.get(f"/api/ai/status/{job_id}")).json()["status"]
             if status == "active" and model_processes(worker.pid):
