@@ -17,9 +17,11 @@ FROM ${PYTHON_IMAGE} AS builder
 
 # Optional extras of the flow-api package, comma-separated (`local`). Empty: cloud providers only.
 ARG EXTRAS=""
-# llama-cpp-python compiles llama.cpp from source. GGML_NATIVE=OFF builds for any x86-64 CPU rather
-# than the build machine's instruction set, so the image does not die with SIGILL elsewhere.
-ARG LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF"
+# llama-cpp-python compiles llama.cpp from source. The same portable flags as scripts/install.sh:
+# no -march=native (whose AVX-512/AMX paths crash on CPUs or VMs that report but do not allow
+# them), an AVX2 baseline on x86-64; ggml ignores the x86 flags on arm64 (armv8-a + NEON).
+ARG LLAMA_CPP_VERSION=0.3.36
+ARG LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
@@ -29,15 +31,22 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential cmake \
  && rm -rf /var/lib/apt/lists/*
 
+# llama.cpp in its own layer, before the sources: Docker's layer cache (keyed by the version and
+# flags above) keeps the minutes-long compile across builds. --no-cache-dir: pip's wheel cache
+# would hand back a wheel of the same version built with other flags.
+RUN case ",${EXTRAS}," in \
+      *,local,*) CMAKE_ARGS="${LLAMA_CMAKE_ARGS}" pip wheel --no-deps --no-cache-dir \
+        --no-binary llama-cpp-python --wheel-dir /wheels "llama-cpp-python==${LLAMA_CPP_VERSION}" ;; \
+    esac
+
 WORKDIR /build
 COPY pyproject.toml README.md ./
 COPY src ./src
 
-# The pip cache survives between builds (llama.cpp takes minutes to compile); /wheels holds the
-# project's wheel and every dependency's, which is all the runtime stage installs from.
+# /wheels holds the project's wheel and every dependency's, which is all the runtime stage
+# installs from; --find-links makes pip take the portable llama.cpp wheel built above.
 RUN --mount=type=cache,target=/root/.cache/pip \
-    CMAKE_ARGS="${LLAMA_CMAKE_ARGS}" \
-    pip wheel --wheel-dir /wheels ".${EXTRAS:+[${EXTRAS}]}"
+    pip wheel --wheel-dir /wheels --find-links /wheels ".${EXTRAS:+[${EXTRAS}]}"
 
 # ---------------------------------------------------------------- runtime: no compiler, no root
 FROM ${PYTHON_IMAGE} AS runtime

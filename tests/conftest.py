@@ -5,7 +5,9 @@ tests never see each other's jobs. Helpers live in `tests/support/`."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +70,21 @@ async def start_worker(settings: Settings) -> AsyncIterator[WorkerFactory]:
 @pytest.fixture
 async def worker(start_worker: WorkerFactory) -> FlowWorker:
     return await start_worker()
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Native model code runs only in model processes: the test process must never load it
+    (a llama.cpp build that crashes on this CPU must fail one test, not kill the run)."""
+    if "llama_cpp" in sys.modules:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = "FAILED: llama_cpp was imported into the pytest process"
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_line(message, red=True)
+        else:
+            print(message, file=sys.stderr)

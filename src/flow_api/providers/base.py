@@ -68,6 +68,14 @@ class Provider(abc.ABC):
     async def warm_up(self) -> None:  # noqa: B027 - optional hook, most providers need none
         """Prepare ahead of the first job (load a model); a no-op for network providers."""
 
+    def health_problem(self) -> str | None:
+        """Why this provider cannot serve right now (with the fix), or None; never blocks."""
+        return None
+
+    async def self_test(self) -> str | None:
+        """`flow-api check`: prove this provider can answer; a problem with the fix, or None."""
+        return None
+
     async def aclose(self) -> None:
         """Release HTTP clients and other resources."""
         self._models.clear()

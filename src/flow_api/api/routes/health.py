@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 
-from flow_api.api.deps import QueueDep
+from flow_api.api.deps import QueueDep, RegistryDep
 from flow_api.api.responses import errors
+from flow_api.errors import NoProviderAvailable
 
 router = APIRouter(tags=["health"])
 
@@ -15,7 +18,22 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Redis is reachable (503 when not)", responses=errors(503))
-async def readyz(queue: QueueDep) -> dict[str, str]:
+@router.get(
+    "/readyz",
+    summary="Redis is reachable and a provider can serve (503 when not)",
+    responses=errors(503),
+)
+async def readyz(queue: QueueDep, registry: RegistryDep) -> dict[str, Any]:
+    """`degraded`, naming each provider that cannot serve and its fix, while others still can:
+    the API and those providers keep taking traffic, so this stays a 200."""
     await queue.ping()
-    return {"status": "ready"}
+    problems = {
+        name: problem
+        for name, provider in registry.providers.items()
+        if (problem := provider.health_problem()) is not None
+    }
+    if not problems:
+        return {"status": "ready"}
+    if len(problems) == len(registry.providers):
+        raise NoProviderAvailable("no provider can serve: " + "; ".join(problems.values()))
+    return {"status": "degraded", "unavailable": problems}
