@@ -12,9 +12,12 @@ from pathlib import Path
 
 import uvloop
 
+from flow_api import data_folder
 from flow_api.auth import commands as key_commands
 from flow_api.auth.exposure import InsecureBinding
+from flow_api.listener import listen
 from flow_api.settings import Settings
+from flow_api.startup import StartupError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     # Until the event loop installs its own handlers, SIGTERM stops the process as Ctrl-C does
     # (a clean exit below), not with the default abrupt termination.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.default_int_handler)  # a closed terminal: the same
     args = _parser().parse_args(argv)
     settings = Settings()
     logging.basicConfig(
@@ -58,34 +62,47 @@ def main(argv: list[str] | None = None) -> int:
         settings.api.host = args.host
     if args.command == "keys":
         return key_commands.run(args, settings)
-    from flow_api import service  # FastAPI and LangChain: imported only by the serving commands
-
     try:
-        if args.command == "api" and args.reload:
-            import uvicorn
-
-            uvicorn.run(
-                "flow_api.cli:app_from_env",
-                factory=True,
-                reload=True,
-                host=settings.api.host,
-                port=settings.api.port,
-            )
-        elif args.command == "api":
-            uvloop.run(service.serve_api(settings))
-        elif args.command == "worker":
-            uvloop.run(service.run_worker(settings))
-        elif args.command == "up":
-            uvloop.run(service.run_up(settings, args.data_dir))
-        else:
-            problems = asyncio.run(service.check(settings))
-            for problem in problems:
-                print(f"not ok: {problem}", file=sys.stderr)
-            return 1 if problems else 0
-    except (service.NoProviderError, InsecureBinding) as exc:
+        return _serve(args, settings)
+    except (StartupError, InsecureBinding) as exc:
         print(f"flow-api: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code if isinstance(exc, StartupError) else 2
 
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    """The serving commands. The folder and the port are claimed before the heavy imports
+    (FastAPI, LangChain), so a second `up` or a taken port is told within a second."""
+    if args.command == "api" and args.reload:
+        import uvicorn
+
+        uvicorn.run(
+            "flow_api.cli:app_from_env",
+            factory=True,
+            reload=True,
+            host=settings.api.host,
+            port=settings.api.port,
+        )
+    elif args.command == "api":
+        with listen(settings.api) as sock:
+            from flow_api import service
+
+            uvloop.run(service.serve_api(settings, sock))
+    elif args.command == "worker":
+        from flow_api import service
+
+        uvloop.run(service.run_worker(settings))
+    elif args.command == "up":
+        with data_folder.claim(args.data_dir) as folder, listen(settings.api) as sock:
+            from flow_api import service
+
+            uvloop.run(service.run_up(settings, folder, sock))
+    else:
+        from flow_api import service
+
+        problems = asyncio.run(service.check(settings))
+        for problem in problems:
+            print(f"not ok: {problem}", file=sys.stderr)
+        return 1 if problems else 0
     return 0
 
 

@@ -65,6 +65,10 @@ class FlowWorker:
     async def stop(self) -> None:
         await self.consumer.stop()
 
+    def hurry(self) -> None:
+        """End `stop()`'s grace period now (a second stop signal)."""
+        self.consumer.hurry()
+
     async def process(self, job: JobHandle) -> dict[str, Any]:
         """One attempt at a job; returns the generation, or raises a `FlowError`."""
         try:
