@@ -38,9 +38,10 @@ class NoProviderError(ConfigurationError):
         )
 
 
-RUN_EXIT_S = 2.0
-"""How long `run()` may take to return once `stop()` has: past it, it is stuck (on a Redis
-that never answered) and is cancelled."""
+RUN_EXIT_S = 1.0
+"""How long `run()` may take to return once `stop()` has, beyond the grace period: past it,
+it is stuck (on a Redis that never answered, or in a blocking wait with nothing in flight)
+and is cancelled."""
 
 
 class StopRequests:
@@ -127,7 +128,7 @@ async def serve_api(settings: Settings, sock: socket.socket) -> None:
 async def _consume(worker: FlowWorker, stops: StopRequests) -> None:
     """Run `worker` until a stop request, then drain: in-flight jobs get the grace period, a
     second request hands them back at once. A `run()` still connecting to an unreachable Redis
-    has nothing to drain and would ignore `stop()`: it is cancelled once `stop()` returned."""
+    has nothing to drain and would ignore `stop()`: it is cancelled when the grace is over."""
     running = asyncio.ensure_future(worker.run())
     asked = asyncio.ensure_future(stops.first.wait())
     hurry = asyncio.ensure_future(_hurry(worker, stops))
@@ -136,14 +137,16 @@ async def _consume(worker: FlowWorker, stops: StopRequests) -> None:
         if running.done():  # ended without being asked (an error): let it surface
             await running
             return
-        grace = worker.settings.worker.shutdown_grace_s
+        loop = asyncio.get_running_loop()
+        grace_ends = loop.time() + worker.settings.worker.shutdown_grace_s
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(worker.stop(), grace + RUN_EXIT_S)
-        await asyncio.wait([running], timeout=RUN_EXIT_S)
+            await asyncio.wait_for(worker.stop(), grace_ends + RUN_EXIT_S - loop.time())
+        await asyncio.wait([running], timeout=max(RUN_EXIT_S, grace_ends - loop.time()))
         if not running.done():
-            log.warning("the queue never answered; stopping without it")
             running.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([running])
+            log.warning("the worker had not stopped by the end of its grace period; ended it")
+        elif not running.cancelled() and running.exception() is not None:
             await running
     finally:
         for task in (running, asked, hurry):
@@ -227,7 +230,7 @@ async def _serve_and_consume(
     try:
         # Whichever ends first (a stop request ends both; an error ends one) stops the other.
         await asyncio.wait([serving, consuming], return_when=asyncio.FIRST_COMPLETED)
-        stops.request()
+        stops.first.set()
         await asyncio.wait([serving, consuming])
     finally:
         serving.cancel()
