@@ -15,9 +15,17 @@ import uvloop
 from flow_api import data_folder
 from flow_api.auth import commands as key_commands
 from flow_api.auth.exposure import InsecureBinding
+from flow_api.environment import SettingsInvalid, load_settings
 from flow_api.listener import listen
 from flow_api.settings import Settings
 from flow_api.startup import StartupError
+
+
+def _port(text: str) -> int:
+    port = int(text) if text.isdigit() else -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
+    return port
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,10 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="embedded Valkey + API + worker, for one machine")
     up.add_argument("--data-dir", type=Path, default=Path(".flow-data"))
-    up.add_argument("--port", type=int, help="API port (default 3000)")
+    up.add_argument("--port", type=_port, help="API port (default 3000)")
     api = sub.add_parser("api", help="the HTTP API (production)")
     api.add_argument("--host")
-    api.add_argument("--port", type=int)
+    api.add_argument("--port", type=_port, help="API port (default 3000)")
     api.add_argument("--reload", action="store_true", help="restart on code change (dev)")
     sub.add_parser("worker", help="a queue worker (production)")
     sub.add_parser("check", help="exit 1 unless Redis and a provider are usable")
@@ -40,7 +48,7 @@ def app_from_env() -> object:
     """The ASGI app built from the environment (for `--reload` and other ASGI servers)."""
     from flow_api.api.app import create_app
 
-    return create_app(Settings())
+    return create_app(load_settings().settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,11 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     signal.signal(signal.SIGHUP, signal.default_int_handler)  # a closed terminal: the same
     args = _parser().parse_args(argv)
-    settings = Settings()
+    try:
+        loaded = load_settings()
+    except SettingsInvalid as exc:
+        print(f"flow-api: {exc}", file=sys.stderr)
+        return exc.exit_code
+    settings = loaded.settings
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for warning in loaded.warnings:
+        logging.getLogger("flow_api.environment").warning("%s", warning)
     for chatty in ("httpx", "httpx2", "httpcore", "openai", "anthropic"):  # a line per request
         logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.root.level))
     if getattr(args, "port", None) is not None:

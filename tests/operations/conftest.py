@@ -29,9 +29,7 @@ UP_ENV = {
 }
 
 
-def flow_api(
-    *args: str, env: dict[str, str], new_session: bool = False
-) -> subprocess.Popen[bytes]:
+def flow_api(*args: str, env: dict[str, str], new_session: bool = False) -> subprocess.Popen[bytes]:
     """`python -m flow_api.cli ARGS`; `new_session` makes it lead a process group, as a shell
     does for a foreground job (so a test can send the terminal's Ctrl-C to the group)."""
     return subprocess.Popen(
@@ -126,7 +124,9 @@ class Up:
         self.base = f"http://127.0.0.1:{self.port}"
 
     def start(self, *, new_session: bool = False) -> subprocess.Popen[bytes]:
-        return flow_api("up", "--data-dir", str(self.data_dir), env=self.env, new_session=new_session)
+        return flow_api(
+            "up", "--data-dir", str(self.data_dir), env=self.env, new_session=new_session
+        )
 
     async def started(self, *, new_session: bool = False) -> subprocess.Popen[bytes]:
         process = self.start(new_session=new_session)

@@ -89,9 +89,7 @@ async def test_sighup_and_sigterm_stop_up_cleanly_with_valkey_last(
 
 
 @pytest.mark.parametrize("delay_s", [0.3, 0.8, 1.3, 1.35, 1.8, 2.5])
-async def test_a_signal_at_any_moment_of_start_up_leaves_no_orphan(
-    up: Up, delay_s: float
-) -> None:
+async def test_a_signal_at_any_moment_of_start_up_leaves_no_orphan(up: Up, delay_s: float) -> None:
     process = up.start()
     seen: set[int] = set()
     deadline = time.monotonic() + delay_s
