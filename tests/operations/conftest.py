@@ -94,8 +94,10 @@ def valkey_of(up: subprocess.Popen[bytes]) -> tuple[int, int]:
 async def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
     """Wait up to `timeout_s` for every pid to end; those still running."""
     deadline = time.monotonic() + timeout_s
-    while (alive := [p for p in pids if is_running(p)]) and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
+    alive = [p for p in pids if is_running(p)]
+    while alive and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)  # /proc offers nothing to await
+        alive = [p for p in alive if is_running(p)]
     return alive
 
 

@@ -26,7 +26,6 @@ from tests.operations.conftest import (
     submit,
     valkey_of,
     wait_gone,
-    wait_healthy,
 )
 
 

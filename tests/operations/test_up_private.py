@@ -3,6 +3,7 @@ the data nor talk to the embedded Valkey, and one folder serves one `up` at a ti
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import stat
 import subprocess
@@ -66,7 +67,8 @@ async def test_another_user_can_neither_read_prompts_nor_use_valkey(
         async with httpx.AsyncClient(base_url=up.base) as client:
             await submit(client, "SECRET-PROMPT of the owner")
         _, port = valkey_of(process)
-        probe = subprocess.run(
+        probe = await asyncio.to_thread(
+            subprocess.run,
             [*NOBODY, "/usr/bin/python3", "-c", PROBE, str(up.data_dir), str(port)],
             capture_output=True,
             text=True,
