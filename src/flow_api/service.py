@@ -17,8 +17,9 @@ import uvicorn
 from flow_api.api.app import create_app
 from flow_api.data_folder import DataFolder
 from flow_api.embedded import EmbeddedValkey
-from flow_api.providers import ProviderRegistry, build_registry
+from flow_api.providers import Provider, ProviderRegistry, build_registry
 from flow_api.queue import connect
+from flow_api.redaction import redact_secrets, redact_url
 from flow_api.settings import Settings
 from flow_api.startup import ConfigurationError, StartupError
 from flow_api.worker import FlowWorker
@@ -240,20 +241,55 @@ async def _serve_and_consume(
 
 
 async def check(settings: Settings) -> list[str]:
-    """Problems that would stop this deployment from working; empty when all is well."""
+    """Problems that would stop this deployment from working; empty when all is well.
+
+    Reaches Redis, and sets up every configured provider as a job would (its client, key and
+    URL; for the local model, llama.cpp and the model file), without a paid call. Messages
+    never carry a credential: URLs are shown with their passwords redacted.
+    """
     problems: list[str] = []
     client = connect(settings.redis)
     try:
         await client.ping()
     except Exception as exc:
-        problems.append(f"redis at {settings.redis.url.split('@')[-1]}: {type(exc).__name__}")
+        problems.append(f"redis at {redact_url(settings.redis.url)}: {type(exc).__name__}")
     finally:
         await client.aclose()
     try:
         registry = build_registry(settings)
+    except Exception as exc:
+        return [*problems, f"providers: {redact_secrets(str(exc))}"]
+    try:
         if registry.default is None:
             problems.append(str(NoProviderError()))
+        for provider in registry.providers.values():
+            try:
+                await _provider_health(provider, settings)
+            except Exception as exc:
+                problems.append(f"provider {provider.name}: {redact_secrets(str(exc))}")
+    finally:
         await registry.aclose()
-    except Exception as exc:
-        problems.append(f"providers: {exc}")
     return problems
+
+
+async def _provider_health(provider: Provider, settings: Settings) -> None:
+    provider.chat_model(provider.default_model)  # the client, as the first job builds it
+    health = getattr(provider, "health", None)  # a provider that can check itself does
+    if health is not None:
+        await health()
+    elif provider.name == "local":
+        await asyncio.to_thread(_local_model_present, settings)
+
+
+def _local_model_present(settings: Settings) -> None:
+    """llama.cpp imports and the model file is there (without loading it: health checks run
+    this every few seconds)."""
+    from flow_api.providers import gguf
+
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"llama.cpp is not installed ({exc}); pip install 'flow-api[local]'"
+        ) from exc
+    gguf.resolve_model_file(settings.local)
