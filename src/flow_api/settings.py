@@ -69,6 +69,11 @@ class ApiSettings(BaseSettings):
     max_prompt_chars: int = Field(100_000, gt=0, description="longer prompts get 422")
     max_metadata_bytes: int = Field(4096, gt=0, description="size cap on options.metadata")
     idempotency_ttl_s: int = Field(86_400, ge=1, description="how long an Idempotency-Key holds")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description='Host names the API answers besides loopback ones, e.g. ["flow.internal", '
+        '"*.example.com"]; checked when set, and always with authentication off on loopback',
+    )
 
 
 class WorkerSettings(BaseSettings):
