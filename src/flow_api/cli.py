@@ -48,7 +48,20 @@ def app_from_env() -> object:
     """The ASGI app built from the environment (for `--reload` and other ASGI servers)."""
     from flow_api.api.app import create_app
 
-    return create_app(load_settings().settings)
+    loaded = load_settings()  # the reloader's child runs only this: configure as `main` does
+    _configure_logging(loaded.settings, loaded.warnings)
+    return create_app(loaded.settings)
+
+
+def _configure_logging(settings: Settings, warnings: list[str]) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for chatty in ("httpx", "httpx2", "httpcore", "openai", "anthropic"):  # a line per request
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.root.level))
+    for warning in warnings:
+        logging.getLogger("flow_api.environment").warning("%s", warning)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,14 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flow-api: {exc}", file=sys.stderr)
         return exc.exit_code
     settings = loaded.settings
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for warning in loaded.warnings:
-        logging.getLogger("flow_api.environment").warning("%s", warning)
-    for chatty in ("httpx", "httpx2", "httpcore", "openai", "anthropic"):  # a line per request
-        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.root.level))
+    _configure_logging(settings, loaded.warnings)
     if getattr(args, "port", None) is not None:
         settings.api.port = args.port
     if getattr(args, "host", None):
@@ -96,6 +102,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             reload=True,
             host=settings.api.host,
             port=settings.api.port,
+            log_config=None,  # keep the app's format (set in `app_from_env`)
+            log_level=settings.log_level.lower(),
         )
     elif args.command == "api":
         with listen(settings.api) as sock:
