@@ -147,8 +147,9 @@ async def _consume(worker: FlowWorker, stops: StopRequests) -> None:
             running.cancel()
             await asyncio.wait([running])
             log.warning("the worker had not stopped by the end of its grace period; ended it")
-        elif not running.cancelled() and running.exception() is not None:
-            await running
+        elif not running.cancelled() and (error := running.exception()) is not None:
+            # Stopped mid start-up (its connections closed under it): nothing was taken.
+            log.warning("the worker ended while stopping: %s: %s", type(error).__name__, error)
     finally:
         for task in (running, asked, hurry):
             task.cancel()
