@@ -12,9 +12,20 @@ from pathlib import Path
 
 import uvloop
 
+from flow_api import data_folder
 from flow_api.auth import commands as key_commands
 from flow_api.auth.exposure import InsecureBinding
+from flow_api.environment import SettingsInvalid, load_settings
+from flow_api.listener import listen
 from flow_api.settings import Settings
+from flow_api.startup import StartupError
+
+
+def _port(text: str) -> int:
+    port = int(text) if text.isdigit() else -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
+    return port
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,10 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="embedded Valkey + API + worker, for one machine")
     up.add_argument("--data-dir", type=Path, default=Path(".flow-data"))
-    up.add_argument("--port", type=int, help="API port (default 3000)")
+    up.add_argument("--port", type=_port, help="API port (default 3000)")
     api = sub.add_parser("api", help="the HTTP API (production)")
     api.add_argument("--host")
-    api.add_argument("--port", type=int)
+    api.add_argument("--port", type=_port, help="API port (default 3000)")
     api.add_argument("--reload", action="store_true", help="restart on code change (dev)")
     sub.add_parser("worker", help="a queue worker (production)")
     sub.add_parser("check", help="exit 1 unless Redis and a provider are usable")
@@ -37,55 +48,84 @@ def app_from_env() -> object:
     """The ASGI app built from the environment (for `--reload` and other ASGI servers)."""
     from flow_api.api.app import create_app
 
-    return create_app(Settings())
+    loaded = load_settings()  # the reloader's child runs only this: configure as `main` does
+    _configure_logging(loaded.settings, loaded.warnings)
+    return create_app(loaded.settings)
 
 
-def main(argv: list[str] | None = None) -> int:
-    # Until the event loop installs its own handlers, SIGTERM stops the process as Ctrl-C does
-    # (a clean exit below), not with the default abrupt termination.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    args = _parser().parse_args(argv)
-    settings = Settings()
+def _configure_logging(settings: Settings, warnings: list[str]) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     for chatty in ("httpx", "httpx2", "httpcore", "openai", "anthropic"):  # a line per request
         logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.root.level))
+    for warning in warnings:
+        logging.getLogger("flow_api.environment").warning("%s", warning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Until the event loop installs its own handlers, SIGTERM stops the process as Ctrl-C does
+    # (a clean exit below), not with the default abrupt termination.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.default_int_handler)  # a closed terminal: the same
+    args = _parser().parse_args(argv)
+    try:
+        loaded = load_settings()
+    except SettingsInvalid as exc:
+        print(f"flow-api: {exc}", file=sys.stderr)
+        return exc.exit_code
+    settings = loaded.settings
+    _configure_logging(settings, loaded.warnings)
     if getattr(args, "port", None) is not None:
         settings.api.port = args.port
     if getattr(args, "host", None):
         settings.api.host = args.host
     if args.command == "keys":
         return key_commands.run(args, settings)
-    from flow_api import service  # FastAPI and LangChain: imported only by the serving commands
-
     try:
-        if args.command == "api" and args.reload:
-            import uvicorn
-
-            uvicorn.run(
-                "flow_api.cli:app_from_env",
-                factory=True,
-                reload=True,
-                host=settings.api.host,
-                port=settings.api.port,
-            )
-        elif args.command == "api":
-            uvloop.run(service.serve_api(settings))
-        elif args.command == "worker":
-            uvloop.run(service.run_worker(settings))
-        elif args.command == "up":
-            uvloop.run(service.run_up(settings, args.data_dir))
-        else:
-            problems = asyncio.run(service.check(settings))
-            for problem in problems:
-                print(f"not ok: {problem}", file=sys.stderr)
-            return 1 if problems else 0
-    except (service.NoProviderError, InsecureBinding) as exc:
+        return _serve(args, settings)
+    except (StartupError, InsecureBinding) as exc:
         print(f"flow-api: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code if isinstance(exc, StartupError) else 2
 
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    """The serving commands. The folder and the port are claimed before the heavy imports
+    (FastAPI, LangChain), so a second `up` or a taken port is told within a second."""
+    if args.command == "api" and args.reload:
+        import uvicorn
+
+        uvicorn.run(
+            "flow_api.cli:app_from_env",
+            factory=True,
+            reload=True,
+            host=settings.api.host,
+            port=settings.api.port,
+            log_config=None,  # keep the app's format (set in `app_from_env`)
+            log_level=settings.log_level.lower(),
+        )
+    elif args.command == "api":
+        with listen(settings.api) as sock:
+            from flow_api import service
+
+            uvloop.run(service.serve_api(settings, sock))
+    elif args.command == "worker":
+        from flow_api import service
+
+        uvloop.run(service.run_worker(settings))
+    elif args.command == "up":
+        with data_folder.claim(args.data_dir) as folder, listen(settings.api) as sock:
+            from flow_api import service
+
+            uvloop.run(service.run_up(settings, folder, sock))
+    else:
+        from flow_api import service
+
+        problems = asyncio.run(service.check(settings))
+        for problem in problems:
+            print(f"not ok: {problem}", file=sys.stderr)
+        return 1 if problems else 0
     return 0
 
 

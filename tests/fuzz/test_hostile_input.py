@@ -266,7 +266,7 @@ async def test_declared_length_over_the_limit_is_413_before_any_body_arrives(
     limit = api.settings.api.max_body_bytes
     assert int(length) > limit
     head = (
-        f"POST {GENERATE} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"POST {GENERATE} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         f"Content-Length: {length}\r\n\r\n"
     )
     status, body = await raw_exchange(api.settings.api.port, head.encode())  # no body sent
@@ -417,7 +417,7 @@ BAD_FRAMING = {
 async def test_ambiguous_framing_is_refused_not_a_server_error(api: Api, framing: str) -> None:
     # Refused by the HTTP parser (uvicorn's plain-text 400) before the app, which is what
     # prevents request smuggling; our JSON body cannot be produced at that layer.
-    request = f"POST {GENERATE} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    request = f"POST {GENERATE} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
     status, _ = await raw_exchange(
         api.settings.api.port, (request + framing + "\r\n").encode() + b'{"prompt":"x"}'
     )

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from flow_api.api.errors import install_error_handlers
 from flow_api.api.limits import BodySizeLimit
 from flow_api.api.routes import generate, health, jobs
-from flow_api.api.security import install_security
+from flow_api.api.security import allowed_hosts, install_security
 from flow_api.auth.access import AccessControl
 from flow_api.auth.exposure import check_exposure
 from flow_api.idempotency import IdempotencyStore
@@ -51,7 +51,7 @@ def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> 
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_body_bytes)
-    install_security(app, settings.auth)
+    install_security(app, settings.auth, allowed_hosts(settings))
     for module in (generate, jobs, health):
         app.include_router(module.router)
     return app

@@ -287,6 +287,12 @@ class QueueConsumer:
         finally:
             self._stopped.set()
 
+    def hurry(self) -> None:
+        """End the grace period now: in-flight jobs go back to the queue, `stop()` returns."""
+        self._stopping = True
+        if self.slots is not None:
+            self.slots.cancelProcessing()
+
 
 def _log_worker_error(err: BaseException, *_: Any) -> None:
     log.warning("queue worker error: %s: %s", type(err).__name__, err)

@@ -103,6 +103,11 @@ class FlowWorker:
         if self.consumer is not None:
             await self.consumer.stop()
 
+    def hurry(self) -> None:
+        """End `stop()`'s grace period now (a second stop signal)."""
+        if self.consumer is not None:
+            self.consumer.hurry()
+
     @property
     def live_slots(self) -> int:
         return self.consumer.live_slots if self.consumer is not None else 0
