@@ -17,7 +17,6 @@ from flow_api.errors import (
     InvalidRequest,
     JobCancelled,
     JobExpired,
-    ProviderRateLimited,
     ProviderTimeout,
 )
 from flow_api.models import GenerateRequest
@@ -104,8 +103,8 @@ class FlowWorker:
                 error.code,
                 retry,
             )
-            if isinstance(error, ProviderRateLimited):  # back to the queue, no attempt spent
-                await self.budget.rate_limited(job, ticket, error)
+            # Tokens back at once; after a 429 back to the queue, no attempt spent.
+            await self.budget.failed(job, ticket, error)
         if error is not None:
             raise error
         await self.budget.settle(ticket, generation)
