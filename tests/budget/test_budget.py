@@ -7,7 +7,6 @@ estimate are corrected with the real usage; a 429's cooldown holds every worker.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator

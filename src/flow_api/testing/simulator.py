@@ -47,6 +47,7 @@ from flow_api.testing.wire import (
 
 __all__ = ["Simulator", "SimulatorConfig", "SimulatorStats", "main"]
 
+MAX_OUTPUT_TOKENS = 16_384  # the simulated models' longest completion
 MALFORMED_BODY = b'{"id": "sim-malformed", "object": "chat.completion", "choices": [{"index'
 _JSON = "application/json"
 
@@ -188,6 +189,13 @@ class Simulator:
             chat = parse_chat(api, orjson.loads(await request.read()), model)
         except (orjson.JSONDecodeError, BadRequest) as exc:
             return self._respond(400, error_body(api, 400, f"simulator: {exc}"), {})
+        if chat.max_tokens is not None and chat.max_tokens > MAX_OUTPUT_TOKENS:
+            # Checked before the rate limiter, as the providers do: a 400, charged nothing.
+            message = (
+                f"max_tokens is too large: {chat.max_tokens}. This model supports at most "
+                f"{MAX_OUTPUT_TOKENS} completion tokens."
+            )
+            return self._respond(400, error_body(api, 400, message), {})
         config = self.config
         now = asyncio.get_running_loop().time()
         limits = RateLimits(config.rpm, config.tpm, config.itpm, config.otpm)
