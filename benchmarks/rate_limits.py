@@ -18,7 +18,7 @@ The simulator counts its limits over `--window` seconds (10 by default) instead 
 stating per-minute figures in its headers, so a steady state comes within seconds; `--real-minute`
 runs with a real 60 s window. Throughput is counted after a warm-up of one window (at most 10 s).
 
-    python benchmarks/rate_limits.py [--seconds 20] [--window 10] [--real-minute]
+    python benchmarks/rate_limits.py [--seconds 30] [--window 10] [--real-minute]
         [--only openai,anthropic,...]
 
 Prints a table; asserts nothing.
@@ -301,7 +301,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seconds", type=float, default=20, help="measured time per scenario")
+    parser.add_argument("--seconds", type=float, default=30, help="measured time per scenario")
     parser.add_argument("--window", type=float, default=10, help="simulator's limit window, s")
     parser.add_argument("--real-minute", action="store_true", help="a real 60 s window")
     parser.add_argument("--latency", type=float, default=0.5, help="simulated call, seconds")
@@ -312,6 +312,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.real_minute:
         args.window = 60.0
+        args.seconds = max(args.seconds, 60.0)  # at least one whole real window measured
     return args
 
 

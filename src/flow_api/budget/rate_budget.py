@@ -179,8 +179,8 @@ class RateBudget:
 
     async def settle(self, ticket: Ticket, generation: Generation) -> None:
         """After an answer: charge what the provider charged, learn from its headers."""
-        if not ticket.checked:
-            return
+        if not ticket.checked or not (ticket.limits.any or ticket.probe or ticket.headers):
+            return  # a model known to have no limits, and an answer with nothing to teach
         usage = generation.usage
         model = self.charges(ticket.provider, ticket.model)
         if usage.total_tokens > 0:
@@ -199,10 +199,11 @@ class RateBudget:
         headers, cool the model down for every worker and put the job back without spending an
         attempt (raises `JobDeferred`); returns when the job has been put back too often, so
         that the caller fails the attempt as usual."""
-        if not ticket.checked:
+        limited = isinstance(error, ProviderRateLimited)
+        if not ticket.checked or not (ticket.limits.any or ticket.probe or limited):
             return
         refund = Amounts(0, -ticket.charge.tokens, -ticket.charge.input, -ticket.charge.output)
-        if not isinstance(error, ProviderRateLimited):
+        if not isinstance(error, ProviderRateLimited):  # (`limited`, spelled out for mypy)
             try:
                 await self._after(ticket, refund, None, False, 0, -1, -1)
             except FlowError as exc:
