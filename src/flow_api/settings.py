@@ -191,7 +191,7 @@ class BudgetSettings(BaseSettings):
         description='JSON: {"openai/gpt-4o-mini": {"rpm": 500, "tpm": 200000}, "openai/*": ...}',
     )
     learn_from_headers: bool = Field(
-        True, description="use the provider's x-ratelimit-limit-* headers where none is set"
+        True, description="learn limits from the provider's rate-limit headers where none is set"
     )
     headroom: float = Field(0.02, ge=0, le=0.5, description="share of each limit left unused")
     completion_tokens: int = Field(
