@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -33,6 +34,7 @@ from flow_api.budget.headers import Gauge, read_gauges
 from flow_api.budget.ledger import (
     KEEP_MS,
     KNOWN_TTL_MS,
+    MINUTE_MS,
     PROBE_MS,
     PROBE_POLL_MS,
     Correction,
@@ -65,6 +67,7 @@ class Ticket:
     limits: Amounts  # the limits it was charged against
     checked: bool  # whether the ledger was consulted (else nothing to settle)
     probe: bool = False  # the one call that goes while nothing is known of the model
+    start_ms: int = 0  # when the call was let go
     headers: dict[str, str] | None = field(default=None)
 
     @property
@@ -152,7 +155,15 @@ class RateBudget:
         decision = await self._before(job, provider, model, charge, may_defer)
         self._remember(key, decision)
         ticket = Ticket(
-            provider, model, charge, chars, max_tokens, decision.limits, True, decision.probe
+            provider,
+            model,
+            charge,
+            chars,
+            max_tokens,
+            decision.limits,
+            True,
+            decision.probe,
+            decision.start_ms,
         )
         if decision.go == 1:
             wait = (decision.start_ms - now_ms()) / 1000
@@ -297,10 +308,12 @@ class RateBudget:
         assert self._ledger is not None
         gauges = read_gauges(headers)
         learn = self.settings.learn_from_headers
+        share = 1 - self.settings.headroom
         corrections: list[int] = []
+        elapsed_ms = max(now_ms() - ticket.start_ms, 0)
         for dim in DIMENSIONS:
             gauge = gauges.get(dim)
-            corrections += _correction(ticket, dim, delta, gauge).args()
+            corrections += _correction(ticket, dim, delta, gauge, elapsed_ms, share).args()
         with redis_errors_as_unavailable():
             return await self._ledger.after(
                 list(self._keys(ticket.provider, ticket.model)),
@@ -322,7 +335,14 @@ class RateBudget:
             )
 
 
-def _correction(ticket: Ticket, dim: Dimension, delta: Amounts, gauge: Gauge | None) -> Correction:
+def _correction(
+    ticket: Ticket,
+    dim: Dimension,
+    delta: Amounts,
+    gauge: Gauge | None,
+    elapsed_ms: int,
+    share: float,
+) -> Correction:
     # The next call is assumed to need what this one was charged (one request, for requests).
     next_charge = 1 if dim is Dimension.REQUESTS else ticket.charge.of(dim)
     if gauge is None:
@@ -333,7 +353,9 @@ def _correction(ticket: Ticket, dim: Dimension, delta: Amounts, gauge: Gauge | N
         gauge.limit,
         -1 if gauge.remaining is None else gauge.remaining,
         -1 if gauge.reset_s is None else round(gauge.reset_s * 1000),
-        next_charge,
+        # `remaining` was counted when this call was admitted; the budget has let calls go at
+        # up to its pace since, so that much of it may be gone already.
+        next_charge + math.floor(elapsed_ms * gauge.limit * share / MINUTE_MS),
     )
 
 
