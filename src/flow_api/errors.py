@@ -191,8 +191,20 @@ class ProviderUnavailable(ProviderError):
 
 
 class ProviderRateLimited(ProviderError):
+    """A 429; `ratelimit` holds the answer's rate-limit headers, which the budget learns from."""
+
     code = "provider_rate_limited"
     retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        ratelimit: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.ratelimit = ratelimit or {}
 
 
 class ProviderRejected(ProviderError):

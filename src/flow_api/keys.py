@@ -16,12 +16,17 @@ BullMQ owns `<prefix>:<queue>:*`. Flow API adds:
   window; TTL two windows.
 - `flow:<queue>:budget:{<provider>/<model>}` (hash): a model's shared rate budget (next free
   request and token times, cooldown after a 429); TTL refreshed on use, a few minutes past the
-  last reservation (see `budget.py`).
+  last reservation (see `budget/`).
 - `flow:<queue>:worker:<host>:<pid>` (string): a worker process's heartbeat (its live slot
   count, see `heartbeat.py`); TTL a few seconds, refreshed while the worker runs.
 - `flow:<queue>:budget:{<provider>/<model>}:r:<jobId>` (string): the start time reserved for a
-  job put back to wait for budget; TTL its wait plus two minutes. The hash tag keeps a model's
-  keys in one Redis Cluster slot, as its Lua script needs.
+  job put back to wait for budget; TTL its wait plus two minutes.
+- `flow:<queue>:budget:{<provider>/<model>}:known` (hash): what the model's answers taught
+  (limits from its headers, prompt tokens per character, average completion); TTL an hour,
+  refreshed by each answer.
+- `flow:<queue>:budget:{<provider>/<model>}:probe` (string): the one call that may go while
+  nothing is known of a model; TTL two seconds. The hash tag keeps a model's keys in one Redis
+  Cluster slot, as its Lua scripts need.
 """
 
 from __future__ import annotations
@@ -67,3 +72,11 @@ def worker_heartbeat_key(queue_name: str, worker: str) -> str:
 
 def worker_heartbeat_pattern(queue_name: str) -> str:
     return f"flow:{queue_name}:worker:*"
+
+
+def budget_known_key(queue_name: str, provider: str, model: str) -> str:
+    return f"{budget_key(queue_name, provider, model)}:known"
+
+
+def budget_probe_key(queue_name: str, provider: str, model: str) -> str:
+    return f"{budget_key(queue_name, provider, model)}:probe"

@@ -203,10 +203,12 @@ class BudgetLimit(BaseModel):
 
     rpm: int | None = Field(None, ge=1, description="requests per minute")
     tpm: int | None = Field(None, ge=1, description="tokens per minute")
+    itpm: int | None = Field(None, ge=1, description="input tokens per minute (Anthropic)")
+    otpm: int | None = Field(None, ge=1, description="output tokens per minute (Anthropic)")
 
 
 class BudgetSettings(BaseSettings):
-    """Provider rate limits shared by every worker through Redis (see `budget.py`)."""
+    """Provider rate limits shared by every worker through Redis (see `budget/`)."""
 
     model_config = _section("FLOW_BUDGET_")
 
@@ -216,11 +218,13 @@ class BudgetSettings(BaseSettings):
         description='JSON: {"openai/gpt-4o-mini": {"rpm": 500, "tpm": 200000}, "openai/*": ...}',
     )
     learn_from_headers: bool = Field(
-        True, description="use the provider's x-ratelimit-limit-* headers where none is set"
+        True, description="learn limits from the provider's rate-limit headers where none is set"
     )
     headroom: float = Field(0.02, ge=0, le=0.5, description="share of each limit left unused")
     completion_tokens: int = Field(
-        1024, ge=1, description="completion tokens reserved when a request sets no maxTokens"
+        256,
+        ge=1,
+        description="completion tokens reserved without maxTokens until the model's answers say",
     )
     cooldown_s: float = Field(1.0, gt=0, description="pause after a 429 that names no wait")
     inline_wait_ms: int = Field(
@@ -230,7 +234,9 @@ class BudgetSettings(BaseSettings):
         3000, ge=100, description="how far ahead a waiting job may hold a reserved start"
     )
     max_deferrals: int = Field(
-        100, ge=1, description="after this many put-backs a 429 costs an attempt again"
+        100,
+        ge=1,
+        description="put-backs (429s and budget waits) before waiting costs an attempt",
     )
 
 

@@ -14,7 +14,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from flow_api.testing import Simulator, SimulatorProcess
-from flow_api.testing.limits import SlidingWindow, format_reset
+from flow_api.testing.limits import RateLimits, SlidingWindow, format_reset
 from flow_api.testing.script import ScriptError, StepKind, parse_steps
 
 
@@ -363,18 +363,18 @@ async def test_tpm_limit_counts_prompt_and_max_tokens(
 
 def test_sliding_window_frees_budget_as_entries_expire() -> None:
     window = SlidingWindow()
-    assert window.admit(0.0, 10, rpm=2, tpm=None).retry_after is None
-    assert window.admit(20.0, 10, rpm=2, tpm=None).retry_after is None
-    refused = window.admit(30.0, 10, rpm=2, tpm=None)
+    assert window.admit(0.0, 10, 0, RateLimits(rpm=2)).retry_after is None
+    assert window.admit(20.0, 10, 0, RateLimits(rpm=2)).retry_after is None
+    refused = window.admit(30.0, 10, 0, RateLimits(rpm=2))
     assert refused.retry_after == pytest.approx(30.0)  # the entry at t=0 expires at t=60
     assert refused.headers["x-ratelimit-reset-requests"] == "50s"
-    assert window.admit(60.5, 10, rpm=2, tpm=None).retry_after is None
+    assert window.admit(60.5, 10, 0, RateLimits(rpm=2)).retry_after is None
     tokens = SlidingWindow()
-    tokens.admit(0.0, 40, rpm=None, tpm=100)
-    tokens.admit(10.0, 40, rpm=None, tpm=100)
+    tokens.admit(0.0, 40, 0, RateLimits(tpm=100))
+    tokens.admit(10.0, 40, 0, RateLimits(tpm=100))
     # 80 used; 50 more needs the first 40 freed (at t=60).
-    assert tokens.admit(15.0, 50, rpm=None, tpm=100).retry_after == pytest.approx(45.0)
-    assert tokens.admit(15.0, 20, rpm=None, tpm=100).retry_after is None
+    assert tokens.admit(15.0, 50, 0, RateLimits(tpm=100)).retry_after == pytest.approx(45.0)
+    assert tokens.admit(15.0, 20, 0, RateLimits(tpm=100)).retry_after is None
 
 
 def test_format_reset() -> None:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextvars
+from typing import Any
+
 import anthropic
 from langchain_anthropic import ChatAnthropic
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import BaseMessage
+from langchain_core.outputs import ChatResult
 
 from flow_api.errors import ProviderError
 from flow_api.providers.base import Provider
+from flow_api.providers.ratelimit_headers import RATELIMIT_FIELD, ratelimit_headers
 from flow_api.providers.sdk_errors import map_sdk_error
 from flow_api.settings import AnthropicSettings
 
@@ -22,7 +29,7 @@ class AnthropicProvider(Provider):
 
     def build(self, model: str) -> BaseChatModel:
         kwargs = {"base_url": self.settings.base_url} if self.settings.base_url else {}
-        return ChatAnthropic(
+        return HeaderedChatAnthropic(
             model_name=model,
             api_key=self.settings.api_key or anthropic_missing_key(),
             max_retries=0,
@@ -38,3 +45,41 @@ class AnthropicProvider(Provider):
 def anthropic_missing_key() -> str:
     # The registry only builds this provider when a key is set; this keeps mypy and users honest.
     raise ValueError("ANTHROPIC_API_KEY is not set")
+
+
+# The raw answer (with its headers) is only seen in `_acreate`, the result only in `_agenerate`:
+# a context variable carries the headers from one to the other within the same call's task.
+_captured: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "anthropic_ratelimit", default=None
+)
+
+
+class HeaderedChatAnthropic(ChatAnthropic):
+    """`ChatAnthropic` that copies the `anthropic-ratelimit-*` headers into the message's
+    `response_metadata["ratelimit"]`, where the worker's rate budget reads them."""
+
+    async def _acreate(self, payload: dict[str, Any]) -> Any:
+        raw = await super()._acreate(payload)
+        holder = _captured.get()
+        if holder is not None:
+            holder.update(ratelimit_headers(getattr(raw, "headers", None)))
+        return raw
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        holder: dict[str, str] = {}
+        token = _captured.set(holder)
+        try:
+            result = await super()._agenerate(
+                messages, stop=stop, run_manager=run_manager, **kwargs
+            )
+        finally:
+            _captured.reset(token)
+        if holder and result.generations:
+            result.generations[0].message.response_metadata[RATELIMIT_FIELD] = holder
+        return result

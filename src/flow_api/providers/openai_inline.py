@@ -7,9 +7,8 @@ under load) cost more than the work itself: at 1000 calls in flight, a quarter o
 samples were in executor threads. Here the plain chat-completions path builds the result inline;
 everything else (structured output, the Responses API) goes to LangChain's own method unchanged.
 
-The same path copies the provider's `x-ratelimit-*` headers (a handful of lookups, not the whole
-header dict that `include_response_headers` copies) into the message's `response_metadata`
-under `ratelimit`, where the worker's rate budget reads them (see `budget.py`).
+The same path copies the provider's rate-limit headers (see `ratelimit_headers.py`) into the
+message's `response_metadata` under `ratelimit`, where the worker's rate budget reads them.
 """
 
 from __future__ import annotations
@@ -23,23 +22,7 @@ from langchain_core.outputs import ChatResult
 from langchain_openai import AzureChatOpenAI, ChatOpenAI
 from langchain_openai.chat_models import base as lc_openai
 
-RATELIMIT_HEADERS = (
-    "x-ratelimit-limit-requests",
-    "x-ratelimit-limit-tokens",
-    "x-ratelimit-remaining-requests",
-    "x-ratelimit-remaining-tokens",
-)
-RATELIMIT_FIELD = "ratelimit"
-
-
-def ratelimit_headers(headers: Any) -> dict[str, str]:
-    """The `x-ratelimit-*` headers present in `headers` (any mapping with `.get`)."""
-    found: dict[str, str] = {}
-    for name in RATELIMIT_HEADERS:
-        value = headers.get(name)
-        if value:
-            found[name] = str(value)
-    return found
+from flow_api.providers.ratelimit_headers import RATELIMIT_FIELD, ratelimit_headers
 
 
 class _InlineResult:

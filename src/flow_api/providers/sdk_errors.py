@@ -20,6 +20,7 @@ from flow_api.errors import (
     ProviderTimeout,
     ProviderUnavailable,
 )
+from flow_api.providers.ratelimit_headers import ratelimit_headers
 from flow_api.redaction import redact_secrets
 
 _CONTEXT_CODES = frozenset({"context_length_exceeded", "string_above_max_length"})
@@ -67,6 +68,7 @@ def map_sdk_error(exc: BaseException, sdk: Any) -> ProviderError | None:
         return ProviderRateLimited(
             f"rate limited by the provider: {detail}",
             retry_after=retry_after_seconds(exc.response.headers),
+            ratelimit=ratelimit_headers(exc.response.headers),
         )
     if status in (401, 403):
         return ProviderAuthFailed(f"the provider refused the credentials ({status}): {detail}")

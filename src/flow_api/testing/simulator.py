@@ -27,11 +27,12 @@ from types import TracebackType
 import orjson
 from aiohttp import web
 
-from flow_api.testing.limits import SlidingWindow, retry_after_header
+from flow_api.testing.limits import Charge, RateLimits, SlidingWindow, retry_after_header
 from flow_api.testing.script import OK, Script, Step, StepKind
 from flow_api.testing.state import SimulatorConfig, SimulatorStats
 from flow_api.testing.streaming import stream_events
 from flow_api.testing.wire import (
+    DEFAULT_COST_TOKENS,
     Answer,
     Api,
     BadRequest,
@@ -46,6 +47,7 @@ from flow_api.testing.wire import (
 
 __all__ = ["Simulator", "SimulatorConfig", "SimulatorStats", "main"]
 
+MAX_OUTPUT_TOKENS = 16_384  # the simulated models' longest completion
 MALFORMED_BODY = b'{"id": "sim-malformed", "object": "chat.completion", "choices": [{"index'
 _JSON = "application/json"
 
@@ -187,9 +189,20 @@ class Simulator:
             chat = parse_chat(api, orjson.loads(await request.read()), model)
         except (orjson.JSONDecodeError, BadRequest) as exc:
             return self._respond(400, error_body(api, 400, f"simulator: {exc}"), {})
+        if chat.max_tokens is not None and chat.max_tokens > MAX_OUTPUT_TOKENS:
+            # Checked before the rate limiter, as the providers do: a 400, charged nothing.
+            message = (
+                f"max_tokens is too large: {chat.max_tokens}. This model supports at most "
+                f"{MAX_OUTPUT_TOKENS} completion tokens."
+            )
+            return self._respond(400, error_body(api, 400, message), {})
         config = self.config
         now = asyncio.get_running_loop().time()
-        admission = self._window.admit(now, chat.cost, config.rpm, config.tpm, config.window_s)
+        limits = RateLimits(config.rpm, config.tpm, config.itpm, config.otpm)
+        estimate = chat.max_tokens if chat.max_tokens is not None else DEFAULT_COST_TOKENS
+        admission = self._window.admit(
+            now, chat.prompt_tokens, estimate, limits, chat.api, config.window_s
+        )
         headers = admission.headers
         if admission.retry_after is not None:
             self.stats.throttled += 1
@@ -201,7 +214,7 @@ class Simulator:
             self.stats.by_key[key] = self.stats.by_key.get(key, 0) + 1
             step = self._script.next(chat.marker)
         if step is OK:
-            return await self._complete(request, chat, headers)
+            return await self._complete(request, chat, headers, charge=admission.charge)
         return await self._fault(request, chat, step, headers)
 
     async def _fault(
@@ -228,10 +241,20 @@ class Simulator:
         return self._drop(request)
 
     async def _complete(
-        self, request: web.Request, chat: Chat, headers: dict[str, str], *, delay: bool = True
+        self,
+        request: web.Request,
+        chat: Chat,
+        headers: dict[str, str],
+        *,
+        delay: bool = True,
+        charge: Charge | None = None,
     ) -> web.StreamResponse:
         config = self.config
         ans = answer(chat)
+        if charge is not None and (chat.api is Api.ANTHROPIC or chat.max_tokens is None):
+            # Anthropic corrects its up-front output estimate to the real output; so does the
+            # simulator for an OpenAI request that named no max_tokens (see limits.py).
+            self._window.settle(charge, ans.tokens)
         tokens_per_s = config.tokens_per_s
         if chat.stream:
             if delay and config.latency_s > 0:
@@ -300,7 +323,7 @@ class Simulator:
         return True
 
 
-_OPTIONAL = frozenset({"tokens_per_s", "rpm", "tpm"})
+_OPTIONAL = frozenset({"tokens_per_s", "rpm", "tpm", "itpm", "otpm"})
 
 
 def _is_number(value: object) -> bool:
@@ -321,9 +344,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SimulatorConfig, str,
     parser.add_argument("--tokens-per-s", type=float, default=None, help="generation speed")
     parser.add_argument("--rpm", type=int, default=None, help="requests per minute budget")
     parser.add_argument("--tpm", type=int, default=None, help="tokens per minute budget")
+    parser.add_argument("--itpm", type=int, default=None, help="Anthropic input tokens/min")
+    parser.add_argument("--otpm", type=int, default=None, help="Anthropic output tokens/min")
     parser.add_argument("--retry-after", type=float, default=1.0, help="scripted 429 wait")
     parser.add_argument(
-        "--window", type=float, default=60.0, help="seconds --rpm/--tpm count over (60)"
+        "--window", type=float, default=60.0, help="seconds the per-minute limits count over (60)"
     )
     args = parser.parse_args(argv)
     config = SimulatorConfig(
@@ -331,6 +356,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SimulatorConfig, str,
         tokens_per_s=args.tokens_per_s,
         rpm=args.rpm,
         tpm=args.tpm,
+        itpm=args.itpm,
+        otpm=args.otpm,
         retry_after_s=args.retry_after,
         window_s=args.window,
     )

@@ -13,7 +13,12 @@ class SimulatorConfig:
 
     `latency_s` is added before every successful answer (the time to first byte when streaming),
     plus `completion_tokens / tokens_per_s` when that is set. `rpm`/`tpm` are 60 s sliding-window
-    budgets; a request costs its prompt words plus its `max_tokens` (16 when absent).
+    budgets; a request costs its prompt words plus its `max_tokens` (16 when absent, corrected to
+    the answer's length once known). `itpm`/`otpm` are Anthropic's separate input and output
+    token budgets (Messages API only; the output is estimated from `max_tokens`, then corrected).
+    Every answer carries the provider's rate-limit headers (`x-ratelimit-*` on the OpenAI routes,
+    `anthropic-ratelimit-*` on the Messages route) once any limit is set. `window_s` shortens
+    the window the per-minute limits count over (the headers still state per-minute figures).
     `retry_after_s` is the Retry-After of a scripted `429` step.
     """
 
@@ -21,6 +26,8 @@ class SimulatorConfig:
     tokens_per_s: float | None = None
     rpm: int | None = None
     tpm: int | None = None
+    itpm: int | None = None
+    otpm: int | None = None
     retry_after_s: float = 1.0
     window_s: float = 60.0  # what `rpm`/`tpm` count over; benchmarks may scale the minute down
 

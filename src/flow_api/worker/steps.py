@@ -12,7 +12,6 @@ from flow_api.errors import (
     FlowError,
     JobCancelled,
     JobExpired,
-    ProviderRateLimited,
     ProviderTimeout,
 )
 from flow_api.jobs import now_ms
@@ -94,8 +93,9 @@ class Budget(Step):
             await self.budget.settle(attempt.ticket, attempt.generation)
 
     async def on_error(self, attempt: Attempt, error: FlowError, final: bool) -> None:
-        if isinstance(error, ProviderRateLimited) and attempt.ticket is not None:
-            await self.budget.rate_limited(attempt.job, attempt.ticket, error)
+        # Tokens back at once; after a 429 back to the queue, no attempt spent.
+        if attempt.ticket is not None:
+            await self.budget.failed(attempt.job, attempt.ticket, error)
 
 
 class Record(Step):
