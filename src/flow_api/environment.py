@@ -95,6 +95,13 @@ def variable(model: type[BaseModel], field: str) -> str:
     return (prefix + field).upper()
 
 
+# Read by the service but not settings: the model process's parent pid, a test-only fault switch
+# (`providers/local_process.py`), and sizes of test runs (`tests/`). Not typos.
+NOT_SETTINGS = frozenset(
+    {"FLOW_LOCAL_PARENT_PID", "FLOW_LOCAL_TEST_FAULT", "FLOW_SNAPSHOT_JOBS", "FLOW_SOAK_STEPS"}
+)
+
+
 def unknown_variables(env: Mapping[str, str]) -> tuple[list[str], list[str]]:
     """(problems, warnings) for `FLOW_*` variables no setting reads."""
     known = known_variables()
@@ -102,7 +109,7 @@ def unknown_variables(env: Mapping[str, str]) -> tuple[list[str], list[str]]:
     warnings: list[str] = []
     for name in sorted(env):
         upper = name.upper()
-        if not upper.startswith(PREFIX) or upper in known:
+        if not upper.startswith(PREFIX) or upper in known or upper in NOT_SETTINGS:
             continue
         close = difflib.get_close_matches(upper, known, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}?" if close else "no setting has a similar name"

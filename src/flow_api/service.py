@@ -282,10 +282,7 @@ async def check(settings: Settings) -> list[str]:
 
 async def _provider_health(provider: Provider, settings: Settings) -> None:
     provider.chat_model(provider.default_model)  # the client, as the first job builds it
-    health = getattr(provider, "health", None)  # a provider that can check itself does
-    if health is not None:
-        await health()
-    elif provider.name == "local":
+    if provider.name == "local":
         await asyncio.to_thread(_local_model_present, settings)
     if (problem := await provider.self_test()) is not None:  # the local model: one generation
         raise ConfigurationError(problem)

