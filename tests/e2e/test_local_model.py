@@ -25,7 +25,7 @@ from flow_api.providers.local_supervisor import MODULE
 from flow_api.settings import LocalSettings, ProviderSettings, Settings
 from flow_api.testing.children import env_for
 from tests.support import Api, WorkerFactory, make_settings
-from tests.support.processes import astop, flow_api, wait_healthy
+from tests.support.processes import astop, children, flow_api, wait_healthy
 from tests.support.servers import start_api
 
 if find_spec("llama_cpp") is None:
@@ -132,17 +132,13 @@ async def test_up_serves_the_local_model_with_no_keys(tmp_path: Path) -> None:
 def model_processes(parent: int) -> list[int]:
     """Live model processes whose parent is `parent` (read from /proc)."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in children(parent):
         try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:  # gone since
             continue
-        state, ppid = stat.rsplit(") ", 1)[1].split()[:2]
-        if int(ppid) == parent and MODULE in cmdline and state != "Z":
-            found.append(int(entry.name))
+        if MODULE in cmdline:
+            found.append(pid)
     return found
 
 

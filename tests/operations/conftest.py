@@ -16,7 +16,7 @@ import pytest
 
 from flow_api.embedded import free_port
 from flow_api.testing import Simulator, SimulatorConfig
-from tests.support.processes import astop, flow_api, stop
+from tests.support.processes import astop, children, flow_api, is_running, stop, wait_healthy
 
 PROVIDER_KEY = "sk-test-not-a-real-key"
 
@@ -35,31 +35,6 @@ def finish(process: subprocess.Popen[bytes], timeout_s: float = 30) -> tuple[int
 
 async def afinish(process: subprocess.Popen[bytes], timeout_s: float = 30) -> tuple[int, str]:
     return await astop(process, timeout_s, interrupt=False)
-
-
-def is_running(pid: int) -> bool:
-    """True unless the process is gone or a zombie (dead, waiting to be reaped)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def children(pid: int) -> list[int]:
-    """The live child processes of `pid`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 def valkey_of(up: subprocess.Popen[bytes]) -> tuple[int, int]:
@@ -82,21 +57,6 @@ async def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
     return alive
 
 
-async def wait_healthy(base: str, process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with httpx.AsyncClient(base_url=base) as client:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise AssertionError(process.stdout.read().decode())  # type: ignore[union-attr]
-            try:
-                if (await client.get("/healthz")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("service did not become healthy")
-
-
 class Up:
     """A `flow-api up` process on its own port and folder."""
 
@@ -113,7 +73,7 @@ class Up:
 
     async def started(self, *, new_session: bool = False) -> subprocess.Popen[bytes]:
         process = self.start(new_session=new_session)
-        await wait_healthy(self.base, process)
+        await wait_healthy(self.base, process, timeout_s=60)
         return process
 
 

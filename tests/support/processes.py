@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import httpx
 
@@ -13,7 +14,16 @@ from flow_api.queue.connection import connect
 from flow_api.settings import Settings
 from flow_api.testing.children import env_for, flow_api_command
 
-__all__ = ["astop", "env_for", "flow_api", "stop", "wait_for_workers", "wait_healthy"]
+__all__ = [
+    "astop",
+    "children",
+    "env_for",
+    "flow_api",
+    "is_running",
+    "stop",
+    "wait_for_workers",
+    "wait_healthy",
+]
 
 
 def flow_api(*args: str, env: dict[str, str], new_session: bool = False) -> subprocess.Popen[bytes]:
@@ -83,3 +93,28 @@ async def wait_for_workers(settings: Settings, count: int, timeout_s: float = 30
             await asyncio.sleep(0.1)
     finally:
         await client.aclose()
+
+
+def is_running(pid: int) -> bool:
+    """True unless the process is gone or a zombie (dead, waiting to be reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
