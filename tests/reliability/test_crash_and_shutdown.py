@@ -102,12 +102,17 @@ async def sigterm_in_flight(
     """A worker with `FLOW_WORKER_SHUTDOWN_GRACE_S=grace_s` gets SIGTERM once every prompt's
     call is in flight; the job ids, its output and how long it took to exit (code 0)."""
     worker = flow_api("worker", env=env_for(settings, FLOW_WORKER_SHUTDOWN_GRACE_S=str(grace_s)))
-    # One call first: the budget lets a single probe call go to a model it knows nothing of yet
-    # (the others wait for its answer, up to 2 s), so a cold burst is never all in flight.
-    assert (await api.wait(await api.submit("warm up")))["status"] == "completed"
-    ids = [await api.submit(prompt) for prompt in prompts]
-    count = len(prompts)
-    await wait_until(lambda: simulator.stats.in_flight == count, 20, f"{count} calls in flight")
+    try:
+        # One call first: the budget lets a single probe call go to a model it knows nothing of
+        # yet (the others wait for its answer, up to 2 s), so a cold burst is never all in flight.
+        assert (await api.wait(await api.submit("warm up")))["status"] == "completed"
+        ids = [await api.submit(prompt) for prompt in prompts]
+        count = len(prompts)
+        await wait_until(lambda: simulator.stats.in_flight == count, 20, f"{count} calls in flight")
+    except BaseException:
+        worker.kill()  # a failed test leaves no worker behind
+        await astop(worker, interrupt=False)
+        raise
     started = time.monotonic()
     worker.send_signal(signal.SIGTERM)
     code, output = await astop(worker, timeout_s=grace_s + 14, interrupt=False)
