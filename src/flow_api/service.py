@@ -289,14 +289,15 @@ async def _provider_health(provider: Provider, settings: Settings) -> None:
 
 
 def _local_model_present(settings: Settings) -> None:
-    """llama.cpp imports and the model file is there (without loading it: health checks run
-    this every few seconds)."""
+    """llama.cpp is installed and the model file is there, checked without loading native code
+    into this process (the self-test that follows loads it in a model process)."""
+    from importlib.util import find_spec
+
     from flow_api.providers import gguf
 
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError as exc:
+    if find_spec("llama_cpp") is None:
         raise ConfigurationError(
-            f"llama.cpp is not installed ({exc}); pip install 'flow-api[local]'"
-        ) from exc
+            "llama.cpp is not installed (no module named 'llama_cpp'); "
+            "pip install 'flow-api[local]'"
+        )
     gguf.resolve_model_file(settings.local)
