@@ -86,6 +86,44 @@ class IdempotencyConflict(FlowError):
     status = 409
 
 
+class IdempotencyInProgress(FlowError):
+    """A replay of an `Idempotency-Key` whose first request has no outcome yet."""
+
+    code = "idempotency_key_in_progress"
+    status = 409
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+class ReplayedError(FlowError):
+    """The error an `Idempotency-Key`'s first request answered, answered again to a replay."""
+
+    def __init__(
+        self, message: str, *, field: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message, field=field)
+        self._headers = dict(headers or {})
+
+    def headers(self) -> dict[str, str]:
+        return dict(self._headers)
+
+
+def replayed_error(recorded: dict[str, Any]) -> FlowError:
+    """`ReplayedError` with the recorded error's own code and status (a type per pair, since
+    both are class attributes of every `FlowError`)."""
+    kind = type(
+        "ReplayedError",
+        (ReplayedError,),
+        {"code": str(recorded.get("code", "internal_error")), "status": int(recorded["status"])},
+    )
+    headers = {str(k): str(v) for k, v in (recorded.get("headers") or {}).items()}
+    error: FlowError = kind(
+        str(recorded.get("message", "")), field=recorded.get("field"), headers=headers
+    )
+    return error
+
+
 class QueueUnavailable(FlowError):
     code = "queue_unavailable"
     status = 503

@@ -99,6 +99,12 @@ class JobHistory:
         job = self.job
         if job.state is JobStatus.FAILED:
             error = self._last_error()
+            if job.cancel_requested_ms is not None:
+                # A cancel is flagged only on a job that has not ended (`producer`), so this
+                # one was cancelled first (then failed by BullMQ itself, e.g. as stalled).
+                return JobStatus.CANCELLED, ErrorInfo(
+                    code="cancelled", message="cancelled by the client", attempts=error.attempts
+                )
             return _OUTCOMES.get(error.code, JobStatus.FAILED), error
         if job.state is JobStatus.COMPLETED:
             return job.state, None
@@ -106,7 +112,11 @@ class JobHistory:
             return JobStatus.CANCELLED, ErrorInfo(
                 code="cancelled", message="cancelled by the client"
             )
-        started = job.attempts_made > 0 or job.state is JobStatus.ACTIVE
+        started = (
+            job.attempts_made > 0
+            or job.state is JobStatus.ACTIVE
+            or job.attempt_started_ms is not None
+        )
         if job.data.expired(now_ms(), started_before=started):
             message = "not started before its deadline (startWithinMs)"
             return JobStatus.EXPIRED, ErrorInfo(code="expired", message=message)

@@ -50,6 +50,32 @@ def estimate_tokens(
     return math.ceil(prompt_chars(request) * tokens_per_char) + completion
 
 
+MESSAGE_OVERHEAD_TOKENS = 16
+"""Tokens a chat request may add around its text (role markers, the reply's priming, a
+template's framing such as the local model's `Question: ... Answer:`): OpenAI's format adds
+about 4 a message and 3 for the reply; 16 covers a system and a user message."""
+
+
+def quota_bound(request: GenerateRequest, default_completion: int) -> int:
+    """The most tokens a request can spend: what a key's quota reserves at submit.
+
+    Prompt and system text count one token per UTF-8 byte, plus `MESSAGE_OVERHEAD_TOKENS`,
+    plus the completion cap (`maxTokens`, or `default_completion`, which the worker then passes
+    to the provider as the call's limit). A byte per token is a true upper bound for every
+    tokenizer the providers use (byte-level BPE such as OpenAI's and Anthropic's, and
+    SentencePiece with byte fallback such as Gemma's: a token never stands for less than one
+    byte). It is the bound used offline too: tiktoken's exact counts need its BPE files, which
+    it downloads on first use. For English text it reserves about four times the real prompt
+    tokens; the settle gives the difference back as soon as the job ends.
+    """
+    text = len(request.prompt.encode("utf-8", "surrogatepass"))
+    system = request.options.system
+    if system:
+        text += len(system.encode("utf-8", "surrogatepass"))
+    completion = request.options.max_tokens or default_completion
+    return text + MESSAGE_OVERHEAD_TOKENS + completion
+
+
 class Charge(BaseModel):
     """Tokens reserved for one job in one key's quota window, settled by the worker."""
 
@@ -58,6 +84,9 @@ class Charge(BaseModel):
     key_id: str
     window: int
     tokens: int
+    completion: int | None = None
+    """The completion tokens included in `tokens`: the worker holds a request without its own
+    `maxTokens` to this many (None for reservations made before this existed)."""
 
 
 class JobData(BaseModel):
@@ -118,7 +147,7 @@ class JobData(BaseModel):
         if self.start_by_ms is not None:
             data["startBy"] = self.start_by_ms
         if self.charge is not None:
-            data["tokenCharge"] = self.charge.model_dump()
+            data["tokenCharge"] = self.charge.model_dump(exclude_none=True)
         return data
 
     def expired(self, now: int, *, started_before: bool = False) -> bool:

@@ -5,15 +5,22 @@ BullMQ owns `<prefix>:<queue>:*`. Flow API adds:
 - `flow:<queue>:idem:<scope>:<sha256>` (string): an idempotency record; TTL
   `FLOW_API_IDEMPOTENCY_TTL_S`.
 - `flow:<queue>:cancel` (pub/sub channel): cancel requests to the worker holding a job.
-- `flowCancelledAt` (a field in a job's own BullMQ hash): removed with the job.
+- `flowCancelledAt` (a field in a job's own BullMQ hash): the cancel flag; removed with the job.
+- `flowStartedAt` (a field in a job's own hash): when an attempt first started (a job that
+  started once is never expired); removed with the job.
+- `flowFinishing` (a field in a job's own hash): a worker decided to finish the job (the
+  decision a cancel loses to); cleared when another attempt starts; removed with the job.
 - `flow:<queue>:auth:key:<sha256>` (string): an API key's record, found by the hash of the key;
   expires with the key, else kept until `flow-api keys revoke`.
 - `flow:<queue>:auth:keys` (hash): key id -> record, for `flow-api keys list/revoke`; owned by
   that CLI.
 - `flow:<queue>:auth:rate:*` (lists, from the `limits` library): per-key submit windows; TTL
   `FLOW_AUTH_RATE_WINDOW_S`.
-- `flow:<queue>:auth:tokens:<keyId>:<window>` (string): tokens reserved and used in one quota
+- `flow:<queue>:auth:tokens:{<keyId>}:<window>` (string): tokens reserved and used in one quota
   window; TTL two windows.
+- `flow:<queue>:auth:tokens:{<keyId>}:<window>:settled` (hash): job id -> tokens that job's
+  settle recorded, so a job settled twice (run again after a crash) is corrected, not counted
+  twice; TTL two windows. The hash tag keeps both in one Redis Cluster slot.
 - `flow:<queue>:budget:{<provider>/<model>}` (hash): a model's shared rate budget (next free
   request and token times, cooldown after a 429); TTL refreshed on use, a few minutes past the
   last reservation (see `budget/`).
@@ -32,6 +39,8 @@ BullMQ owns `<prefix>:<queue>:*`. Flow API adds:
 from __future__ import annotations
 
 CANCEL_FIELD = "flowCancelledAt"
+STARTED_FIELD = "flowStartedAt"
+FINISHING_FIELD = "flowFinishing"
 
 
 def cancel_channel(queue_name: str) -> str:
@@ -55,7 +64,11 @@ def rate_limit_prefix(queue_name: str) -> str:
 
 
 def token_quota_key(queue_name: str, key_id: str, window: int) -> str:
-    return f"flow:{queue_name}:auth:tokens:{key_id}:{window}"
+    return f"flow:{queue_name}:auth:tokens:{{{key_id}}}:{window}"
+
+
+def token_settled_key(queue_name: str, key_id: str, window: int) -> str:
+    return f"{token_quota_key(queue_name, key_id, window)}:settled"
 
 
 def budget_key(queue_name: str, provider: str, model: str) -> str:

@@ -145,6 +145,14 @@ class JobView(WireModel):
     metadata: dict[str, Any] | None = None
 
 
+class CancelledJob(WireModel):
+    """A cancel's answer to a key without the `read` scope: that the cancel won, nothing of the
+    job's status or metadata (which only `read` may see)."""
+
+    job_id: str
+    status: JobStatus
+
+
 class Usage(WireModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -81,18 +81,19 @@ async def test_quota_refusal_makes_no_provider_call_and_usage_is_settled(
     settings: Settings,
 ) -> None:
     acme = await caller("acme")
-    # Estimate: "one two" is 7 characters, ~2 tokens, plus maxTokens 40 = 42 reserved.
+    # Reserved: "one two" is 7 bytes (a token per byte at most), + 16 for the messages' framing,
+    # + maxTokens 40 = 63.
     job_id = await acme.submit("one two", maxTokens=40)
     assert (await acme.wait(job_id))["status"] == "completed"
     used = (await acme.get(f"/api/ai/result/{job_id}")).json()["result"]["usage"]["totalTokens"]
-    assert 0 < used < 42
+    assert 0 < used < 63
     assert await ledger(store, settings, acme) == used  # the reservation became real usage
     calls = simulator.stats.requests
     assert calls == 1
 
-    # used + 2 + 96 > 100: refused at submit, so nothing is queued and nothing is called.
+    # used + 7 + 16 + 75 > 100: refused at submit, so nothing is queued and nothing is called.
     refused = await acme.post(
-        "/api/ai/generate", {"prompt": "one two", "options": {"maxTokens": 96}}
+        "/api/ai/generate", {"prompt": "one two", "options": {"maxTokens": 75}}
     )
     assert_429(refused, "quota_exhausted", 3600)
     assert "quota is spent" in refused.json()["error"]["message"]
@@ -107,7 +108,7 @@ async def test_quota_refusal_makes_no_provider_call_and_usage_is_settled(
     job_id = await acme.submit("one two", maxTokens=50)
     assert (await acme.wait(job_id))["status"] == "completed"
     globex = await caller("globex")
-    await globex.submit("one two", maxTokens=90)
+    await globex.submit("one two", maxTokens=70)
 
 
 @pytest.mark.parametrize("auth_settings", [QUOTA], indirect=True)
@@ -115,20 +116,20 @@ async def test_a_failed_job_is_refunded(
     caller: KeyMaker, start_worker: WorkerFactory, store: ApiKeyStore, settings: Settings
 ) -> None:
     acme = await caller("acme")
-    job_id = await acme.submit("[[sim:refund-test:400]] rejected", maxTokens=80)
-    assert await ledger(store, settings, acme) > 80  # reserved at submit
+    job_id = await acme.submit("[[sim:refund-test:400]] rejected", maxTokens=40)
+    assert await ledger(store, settings, acme) > 80  # reserved at submit (32 + 16 + 40)
     await start_worker()
     assert (await acme.wait(job_id))["status"] == "failed"
     assert await ledger(store, settings, acme) == 0
-    await acme.submit("the whole quota is back", maxTokens=90)
+    await acme.submit("the whole quota is back", maxTokens=60)
 
 
 @pytest.mark.parametrize("auth_settings", [SHORT_QUOTA], indirect=True)
 async def test_quota_recovers_in_the_next_window(caller: KeyMaker) -> None:
     acme = await caller("acme")
     await asyncio.sleep(2 - time.time() % 2 + 0.05)  # start at the beginning of a window
-    await acme.submit("x", maxTokens=90)
-    refused = await acme.post("/api/ai/generate", {"prompt": "x", "options": {"maxTokens": 90}})
+    await acme.submit("x", maxTokens=70)
+    refused = await acme.post("/api/ai/generate", {"prompt": "x", "options": {"maxTokens": 70}})
     wait = assert_429(refused, "quota_exhausted", 2)
     await asyncio.sleep(wait + 0.05)
-    await acme.submit("x", maxTokens=90)
+    await acme.submit("x", maxTokens=70)

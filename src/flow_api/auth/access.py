@@ -13,7 +13,7 @@ from flow_api.auth.principal import ANONYMOUS, Principal
 from flow_api.auth.quota import TokenQuota
 from flow_api.auth.rate import SubmitRateLimiter
 from flow_api.errors import FlowError, Unauthorized
-from flow_api.jobs import Charge, estimate_tokens
+from flow_api.jobs import Charge, quota_bound
 from flow_api.models import GenerateRequest
 from flow_api.settings import AuthSettings
 
@@ -58,14 +58,16 @@ class AccessControl:
         await self.rate.hit(principal)
 
     async def reserve_tokens(self, principal: Principal, request: GenerateRequest) -> Charge | None:
-        """Reserve the request's estimated tokens (raises `QuotaExhausted` before anything is
-        queued); returns the reservation the job carries (`JobData.charge`) to its worker."""
-        tokens = estimate_tokens(request, self.settings.estimate_completion_tokens)
-        return await self.quota.reserve(principal, tokens)
+        """Reserve the most the request may spend (`quota_bound`; raises `QuotaExhausted` before
+        anything is queued); returns the reservation the job carries (`JobData.charge`) to its
+        worker."""
+        completion = request.options.max_tokens or self.settings.estimate_completion_tokens
+        tokens = quota_bound(request, self.settings.estimate_completion_tokens)
+        return await self.quota.reserve(principal, tokens, completion)
 
-    async def refund(self, charge: Charge | None) -> None:
+    async def refund(self, charge: Charge | None, job_id: str) -> None:
         """Return a reservation whose job was never queued (best effort: Redis may be down)."""
         if charge is None:
             return
         with contextlib.suppress(FlowError):
-            await self.quota.settle(charge, 0)
+            await self.quota.settle(charge, 0, job_id)

@@ -1,4 +1,10 @@
-"""Tokens per key per day: reserved at submit from an estimate, settled with the real usage.
+"""Tokens per key per day: reserved at submit as an upper bound, settled with the real usage.
+
+The reservation is `jobs.quota_bound` (a true upper bound of what the job may spend, see there),
+so a settle only ever gives tokens back: the window's counter never goes over the key's limit
+while providers report no more than that bound. A job's settle is recorded per job
+(`token_settled_key`): a job settled again (run again after a crash or a lost finish) replaces
+its earlier settle instead of adding to it.
 
 Why a small Lua script and not the `limits` library here: a quota needs "refuse without
 counting when the estimate does not fit" and a later correction by (actual - estimate) in the
@@ -15,7 +21,7 @@ from redis.asyncio import Redis
 from flow_api.auth.principal import Principal
 from flow_api.errors import QuotaExhausted
 from flow_api.jobs import Charge
-from flow_api.keys import token_quota_key
+from flow_api.keys import token_quota_key, token_settled_key
 from flow_api.queue.connection import redis_errors_as_unavailable
 
 # Reserve ARGV[2] tokens if they fit under the limit ARGV[1]; returns {admitted, used}.
@@ -28,10 +34,16 @@ redis.call("EXPIRE", KEYS[1], ARGV[3])
 return {1, used + cost}
 """
 
-# Add ARGV[1] (may be negative) to a window that still exists; never below zero.
+# Settle job ARGV[1] (reserved ARGV[2]) at ARGV[3] tokens in a window that still exists: add the
+# difference from what the job last settled at (its reservation, if never), never below zero.
+# KEYS: the window's counter, its settled hash. ARGV[4]: the hash's TTL.
 _SETTLE = """
 if redis.call("EXISTS", KEYS[1]) == 0 then return 0 end
-if redis.call("INCRBY", KEYS[1], ARGV[1]) < 0 then redis.call("SET", KEYS[1], 0, "KEEPTTL") end
+local before = tonumber(redis.call("HGET", KEYS[2], ARGV[1]) or ARGV[2])
+local delta = tonumber(ARGV[3]) - before
+redis.call("HSET", KEYS[2], ARGV[1], ARGV[3])
+redis.call("EXPIRE", KEYS[2], ARGV[4])
+if redis.call("INCRBY", KEYS[1], delta) < 0 then redis.call("SET", KEYS[1], 0, "KEEPTTL") end
 return 1
 """
 
@@ -45,9 +57,12 @@ class TokenQuota:
         self._reserve = redis.register_script(_RESERVE)
         self._settle = redis.register_script(_SETTLE)
 
-    async def reserve(self, principal: Principal, tokens: int) -> Charge | None:
+    async def reserve(
+        self, principal: Principal, tokens: int, completion: int | None = None
+    ) -> Charge | None:
         """Reserve `tokens` of the key's quota, or raise `QuotaExhausted`. None when the key
-        has no quota (or auth is off): nothing to settle later."""
+        has no quota (or auth is off): nothing to settle later. `completion`: the completion
+        tokens included, which the worker then holds the call to."""
         limit = principal.tokens_per_day
         if principal.key_id is None or limit <= 0:
             return None
@@ -59,7 +74,9 @@ class TokenQuota:
                 keys=[key], args=[limit, tokens, 2 * self.window_s]
             )
         if admitted:
-            return Charge(key_id=principal.key_id, window=window, tokens=tokens)
+            return Charge(
+                key_id=principal.key_id, window=window, tokens=tokens, completion=completion
+            )
         if tokens > limit:
             message = (
                 f"this request may use up to {tokens} tokens, more than the key's whole quota "
@@ -72,8 +89,12 @@ class TokenQuota:
             )
         raise QuotaExhausted(message, retry_after=(window + 1) * self.window_s - now)
 
-    async def settle(self, charge: Charge, used: int) -> None:
-        """Replace a job's reservation by the tokens it really used (0 refunds it)."""
+    async def settle(self, charge: Charge, used: int, job_id: str) -> None:
+        """Replace job `job_id`'s reservation by the tokens it really used (0 refunds it). Settling
+        a job again replaces its earlier settle: nothing is counted twice."""
         key = token_quota_key(self.queue_name, charge.key_id, charge.window)
+        settled = token_settled_key(self.queue_name, charge.key_id, charge.window)
         with redis_errors_as_unavailable():
-            await self._settle(keys=[key], args=[used - charge.tokens])
+            await self._settle(
+                keys=[key, settled], args=[job_id, charge.tokens, used, 2 * self.window_s]
+            )

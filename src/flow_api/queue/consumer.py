@@ -16,18 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import random
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import orjson
 from bullmq import DelayedError, Job, UnrecoverableError
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from flow_api.jobs import JobData, now_ms
-from flow_api.keys import CANCEL_FIELD, cancel_channel
+from flow_api.keys import CANCEL_FIELD, FINISHING_FIELD, STARTED_FIELD, cancel_channel
 from flow_api.queue.connection import REDIS_DOWN
 from flow_api.queue.slot_worker import SlotWorker, pending_logs
 from flow_api.settings import RedisSettings, WorkerSettings
@@ -35,6 +38,17 @@ from flow_api.settings import RedisSettings, WorkerSettings
 log = logging.getLogger(__name__)
 
 CANCEL_REQUESTED = "flow: cancel requested"
+
+# The worker's half of the one decision between a cancel and the job's end (the API's half is
+# `producer._FLAG_CANCEL`): unless the job is flagged cancelled, mark it finishing, after which
+# a cancel answers `job_already_finished`. Both run as scripts on the job's hash, so Redis
+# orders them: whichever runs first wins. KEYS: job hash. ARGV: cancel field, finishing field,
+# the attempt's token. 0: the cancel won; 1: this attempt may finish the job.
+_DECIDE = """
+if redis.call("HEXISTS", KEYS[1], ARGV[1]) == 1 then return 0 end
+if redis.call("EXISTS", KEYS[1]) == 1 then redis.call("HSET", KEYS[1], ARGV[2], ARGV[3]) end
+return 1
+"""
 
 
 class JobDeferred(BaseException):
@@ -56,6 +70,19 @@ class AttemptFailed(Exception):
         super().__init__(str(error))
         self.error = error
         self.final = final
+
+
+_DECIDE_SHA = hashlib.sha1(_DECIDE.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Begun:
+    """What `JobHandle.begin` learned as the attempt started."""
+
+    cancelled: bool
+    """A client asked to cancel the job before this worker could hear about it."""
+    started_before: bool
+    """An earlier attempt of the job started (so its start deadline no longer applies)."""
 
 
 class JobHandle:
@@ -103,9 +130,10 @@ class JobHandle:
         """Log `entry` in the same round trip that completes the job (or before it fails)."""
         pending_logs(self._job).append(orjson.dumps(entry).decode())
 
-    async def begin(self, entry: dict[str, Any]) -> bool:
-        """Log the attempt's start and read the cancel flag in one round trip; True if
-        cancellation was requested before this worker could hear about it."""
+    async def begin(self, entry: dict[str, Any]) -> Begun:
+        """Log the attempt's start, mark the job started and read its cancel flag, in one round
+        trip. A finishing mark left by an attempt whose finish was lost (a crash, a lost Redis)
+        is cleared: this attempt decides again."""
         worker = self._job.queue  # the SlotWorker that took the job
         logs, job_key = worker.backend.toKey(f"{self.id}:logs"), worker.backend.toKey(self.id)
         line = orjson.dumps(entry).decode()
@@ -113,12 +141,33 @@ class JobHandle:
         def build(pipe: Any) -> None:
             pipe.rpush(logs, line)
             pipe.hget(job_key, CANCEL_FIELD)
+            pipe.hsetnx(job_key, STARTED_FIELD, entry.get("at") or now_ms())
+            pipe.hdel(job_key, FINISHING_FIELD)
 
-        replies = await worker.pipelined(build, 2)
+        replies = await worker.pipelined(build, 4)
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        return replies[1] is not None
+        return Begun(cancelled=replies[1] is not None, started_before=not replies[2])
+
+    async def may_finish(self) -> bool:
+        """The one decision between a client's cancel and this attempt's outcome (a result, or
+        a final failure), made atomically in Redis: False if the cancel came first (the job
+        must end as cancelled); True if this attempt now finishes the job (a later cancel
+        answers `job_already_finished`)."""
+        worker = self._job.queue
+        job_key = worker.backend.toKey(self.id)
+        args = (CANCEL_FIELD, FINISHING_FIELD, self._token)
+
+        def build(pipe: Any) -> None:
+            pipe.evalsha(_DECIDE_SHA, 1, job_key, *args)
+
+        reply = (await worker.pipelined(build, 1))[0]
+        if isinstance(reply, NoScriptError):  # a restarted Redis forgot it
+            reply = await worker.client.eval(_DECIDE, 1, job_key, *args)
+        elif isinstance(reply, Exception):
+            raise reply
+        return bool(reply)
 
     async def cancel_requested(self) -> bool:
         """True if a client has asked to cancel the job (one read)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -13,7 +14,7 @@ from redis.asyncio import Redis
 
 from flow_api.errors import JobNotFound
 from flow_api.jobs import JobData, now_ms
-from flow_api.keys import CANCEL_FIELD, cancel_channel
+from flow_api.keys import CANCEL_FIELD, FINISHING_FIELD, cancel_channel
 from flow_api.queue.connection import connect, redis_errors_as_unavailable
 from flow_api.settings import RedisSettings, WorkerSettings
 
@@ -23,12 +24,31 @@ BACKOFF_TYPE = "flow-jitter"
 
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 
-# Set the cancel flag only on a job that exists (HSET would otherwise create a stray hash).
+# The API's half of the one decision between a cancel and the job's end (the worker's half is
+# `consumer._DECIDE`): flag the job cancelled unless it has ended (completed or failed) or a
+# worker has decided to finish it. Only on a job that exists (HSET would create a stray hash).
+# KEYS: job hash, completed, failed. ARGV: cancel field, now, job id, finishing field.
+# 0: no such job; 1: flagged; 2: already flagged; 3: already finished (or finishing).
 _FLAG_CANCEL = """
 if redis.call("EXISTS", KEYS[1]) == 0 then return 0 end
-if redis.call("HSETNX", KEYS[1], ARGV[1], ARGV[2]) == 0 then return 2 end
+if redis.call("HEXISTS", KEYS[1], ARGV[1]) == 1 then return 2 end
+if redis.call("ZSCORE", KEYS[2], ARGV[3]) or redis.call("ZSCORE", KEYS[3], ARGV[3])
+   or redis.call("HEXISTS", KEYS[1], ARGV[4]) == 1 then
+  return 3
+end
+redis.call("HSET", KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
+
+
+class CancelDecision(enum.Enum):
+    """What a cancel request found."""
+
+    FLAGGED = 1
+    """The cancel won: the job will end `cancelled` and never store a result."""
+    ALREADY_CANCELLED = 2
+    FINISHED = 3
+    """The job completed or failed first (or a worker already decided to finish it)."""
 
 
 def new_job_id() -> str:
@@ -96,27 +116,32 @@ class JobQueue:
                 await self.bull.addBulk(entries[start : start + batch])
         return ids
 
-    async def request_cancel(self, job_id: str) -> bool:
-        """Flag a job cancelled and tell the worker holding it, if any. False if already flagged.
+    async def request_cancel(self, job_id: str) -> CancelDecision:
+        """Flag a job cancelled and tell the worker holding it, if any; the flag is one atomic
+        decision against the job's end (see `_FLAG_CANCEL`).
 
         A waiting job is failed as cancelled when a worker takes it (no provider call); a delayed
-        one is promoted so that happens now; an active one is interrupted by its worker.
+        one is promoted so that happens now; an active one is interrupted by its worker, or, if
+        its call has already answered, ends cancelled with its result discarded.
         """
         if not valid_job_id(job_id):
             raise JobNotFound(job_id)
+        key = self.bull.toKey
         with redis_errors_as_unavailable():
             flagged = await self._flag_cancel(
-                keys=[self.bull.toKey(job_id)], args=[CANCEL_FIELD, now_ms()]
+                keys=[key(job_id), key("completed"), key("failed")],
+                args=[CANCEL_FIELD, now_ms(), job_id, FINISHING_FIELD],
             )
             if flagged == 0:
                 raise JobNotFound(job_id)
-            if flagged == 2:
-                return False
+            decision = CancelDecision(flagged)
+            if decision is not CancelDecision.FLAGGED:
+                return decision
             await self.redis.publish(cancel_channel(self.bull.name), job_id)
             if await self.bull.getJobState(job_id) == "delayed":
                 with contextlib.suppress(Exception):  # it may have moved on meanwhile
                     await self.bull.backend.promote(job_id)
-        return True
+        return CancelDecision.FLAGGED
 
     async def pause(self) -> None:
         """Stop workers from taking jobs (benchmarks fill a paused queue)."""

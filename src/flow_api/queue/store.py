@@ -10,7 +10,7 @@ from bullmq import Job
 
 from flow_api.errors import FlowError, JobNotFound
 from flow_api.jobs import JobData
-from flow_api.keys import CANCEL_FIELD
+from flow_api.keys import CANCEL_FIELD, STARTED_FIELD
 from flow_api.models import JobStatus
 from flow_api.queue.connection import redis_errors_as_unavailable
 from flow_api.queue.producer import JobQueue, valid_job_id
@@ -55,6 +55,8 @@ class StoredJob:
     return_value: Any
     log_lines: list[str]
     cancel_requested_ms: int | None = None
+    attempt_started_ms: int | None = None
+    """When an attempt of the job first started (its provider call could begin), if one did."""
 
 
 class JobStore:
@@ -62,7 +64,15 @@ class JobStore:
 
     def __init__(self, queue: JobQueue) -> None:
         self.bull = queue.bull
+        self.redis = queue.redis
         self._snapshot = queue.redis.register_script(_SNAPSHOT)
+
+    async def exists(self, job_id: str) -> bool:
+        """Whether the job is stored (queued, running or finished and not yet removed)."""
+        if not valid_job_id(job_id):
+            return False
+        with redis_errors_as_unavailable():
+            return bool(await self.redis.exists(self.bull.toKey(job_id)))
 
     async def fetch(self, job_id: str, *, with_logs: bool = False) -> StoredJob:
         """Read one job as it was at one instant; raises `JobNotFound` for unknown (or expired)
@@ -102,4 +112,5 @@ class JobStore:
             return_value=job.returnvalue,
             log_lines=list(lines),
             cancel_requested_ms=int(raw[CANCEL_FIELD]) if raw.get(CANCEL_FIELD) else None,
+            attempt_started_ms=int(raw[STARTED_FIELD]) if raw.get(STARTED_FIELD) else None,
         )

@@ -44,6 +44,8 @@ class Attempt:
     timeout_s: float = 0.0
     ticket: Ticket | None = None
     cancelled_before_start: bool = False
+    started_before: bool = False
+    """An earlier attempt of this job started (its start deadline no longer applies)."""
     calling: bool = False
     generation: Generation | None = None
 
@@ -102,8 +104,14 @@ class AttemptChain:
         try:
             try:
                 await self._run(attempt, entered)
+                if not await _may_finish(job):
+                    raise JobCancelled(
+                        "cancelled as the provider answered; the answer was discarded"
+                    )
             except FlowError as error:
                 final = self.final(attempt, error)
+                if final and not isinstance(error, JobCancelled | QueueUnavailable):
+                    error = await _or_cancelled(job, error)
                 for step in reversed(self.steps):
                     if step in entered or step.always_on_error:
                         await step.on_error(attempt, error, final)
@@ -146,6 +154,25 @@ class AttemptChain:
             raise WorkerFault(f"unexpected error in the worker: {type(exc).__name__}") from exc
         finally:
             job.cancellable = False  # from here on a cancel is too late to interrupt
+
+
+async def _may_finish(job: JobHandle) -> bool:
+    """`JobHandle.may_finish`, a lost Redis as `QueueUnavailable` (the attempt is retried)."""
+    try:
+        return await job.may_finish()
+    except REDIS_DOWN as exc:
+        raise QueueUnavailable(f"the job store is unreachable: {type(exc).__name__}") from exc
+
+
+async def _or_cancelled(job: JobHandle, error: FlowError) -> FlowError:
+    """The error a final failure ends the job with: `JobCancelled` if a client's cancel came
+    first (its 200 promised `cancelled`), else `error`. Undecidable (Redis lost): `error`."""
+    try:
+        if await job.may_finish():
+            return error
+    except REDIS_DOWN:
+        return error
+    return JobCancelled(f"cancelled before the attempt ended ({error.code}); not retried")
 
 
 def _uncancel() -> None:

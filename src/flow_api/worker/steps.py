@@ -14,7 +14,7 @@ from flow_api.errors import (
     JobExpired,
     ProviderTimeout,
 )
-from flow_api.jobs import now_ms
+from flow_api.jobs import JobData, now_ms
 from flow_api.models import Generation
 from flow_api.pipeline import generate
 from flow_api.providers import ProviderRegistry
@@ -51,7 +51,7 @@ class Quota(Step):
         if charge is None:
             return
         try:
-            await self.quota.settle(charge, charge.tokens if used is None else used)
+            await self.quota.settle(charge, charge.tokens if used is None else used, attempt.job.id)
         except FlowError as exc:  # the job's outcome matters more than the ledger
             log.warning("job %s: token usage not recorded: %s", attempt.job.id, exc.code)
 
@@ -64,12 +64,22 @@ class Resolve(Step):
         self.settings = settings
 
     async def before(self, attempt: Attempt) -> None:
-        data = attempt.data = attempt.job.data  # raises InvalidRequest for data not ours
+        data = attempt.data = _capped(attempt.job.data)  # raises InvalidRequest if not ours
         options = data.request.options
         provider = attempt.provider = self.registry.get(data.provider or options.provider)
         attempt.model = data.model or provider.resolve_model(options.model)
         timeout_ms = options.timeout_ms
         attempt.timeout_s = timeout_ms / 1000 if timeout_ms else self.settings.job_timeout_s
+
+
+def _capped(data: JobData) -> JobData:
+    """A job whose key reserved quota for a completion of N tokens, and that set no `maxTokens`,
+    is called with `maxTokens` N: the reservation stays an upper bound of what it spends."""
+    charge, options = data.charge, data.request.options
+    if charge is None or charge.completion is None or options.max_tokens is not None:
+        return data
+    capped = options.model_copy(update={"max_tokens": charge.completion})
+    return data.model_copy(update={"request": data.request.model_copy(update={"options": capped})})
 
 
 class Budget(Step):
@@ -107,7 +117,9 @@ class Record(Step):
     async def before(self, attempt: Attempt) -> None:
         assert attempt.provider is not None
         entry = history.attempt_started(attempt.number, attempt.provider.name, attempt.model)
-        attempt.cancelled_before_start = await attempt.job.begin(entry)
+        begun = await attempt.job.begin(entry)
+        attempt.cancelled_before_start = begun.cancelled
+        attempt.started_before = begun.started_before
 
     async def after(self, attempt: Attempt) -> None:
         # Written in the same round trip as the result; DEBUG, not INFO: at hundreds of jobs/s
@@ -138,7 +150,9 @@ class Gate(Step):
         data = attempt.data
         assert data is not None
         now = now_ms()
-        if data.expired(now, started_before=attempt.number > 1):
+        # A job that started once (then was retried, handed back on shutdown, or put back
+        # after a 429) is never expired: its start was in time.
+        if data.expired(now, started_before=attempt.number > 1 or attempt.started_before):
             late = (now - (data.start_by_ms or now)) / 1000
             raise JobExpired(f"not started before its deadline (startWithinMs); {late:.1f} s late")
 

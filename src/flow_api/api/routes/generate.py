@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated
 
 import orjson
 from fastapi import APIRouter, Header, Response
 
 from flow_api.api.auth import AccessDep, SubmitterDep
-from flow_api.api.deps import IdempotencyDep, QueueDep, RegistryDep, SettingsDep
+from flow_api.api.deps import IdempotencyDep, QueueDep, RegistryDep, SettingsDep, StoreDep
 from flow_api.api.responses import errors
-from flow_api.errors import InvalidRequest
+from flow_api.errors import FlowError, InvalidRequest
 from flow_api.jobs import JobData
 from flow_api.models import GenerateRequest, JobAccepted
 from flow_api.queue.producer import new_job_id
@@ -44,6 +45,7 @@ def check_limits(body: GenerateRequest, limits: ApiSettings) -> None:
 async def submit(
     body: GenerateRequest,
     queue: QueueDep,
+    store: StoreDep,
     registry: RegistryDep,
     settings: SettingsDep,
     idempotency: IdempotencyDep,
@@ -52,26 +54,37 @@ async def submit(
     response: Response,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JobAccepted:
-    """With an `Idempotency-Key`, the same key and body return the same job (and create no
-    second one) for `FLOW_API_IDEMPOTENCY_TTL_S`; the same key with another body is a 409."""
+    """With an `Idempotency-Key`, the same key and body answer the first request's outcome (the
+    202 of the same job, or the same error) and create no second job, for
+    `FLOW_API_IDEMPOTENCY_TTL_S`; the same key with another body is a 409."""
     check_limits(body, settings.api)
     provider, model = registry.resolve(body.options)
     data = JobData.submitted(body, provider=provider.name, model=model, tenant=principal.tenant)
     job_id = new_job_id()
+    claim = None
     if idempotency_key is not None:
         fingerprint = orjson.dumps(body.wire(), option=orjson.OPT_SORT_KEYS)
-        earlier = await idempotency.claim(principal.tenant, idempotency_key, fingerprint, job_id)
+        claim, earlier = await idempotency.claim(
+            principal.tenant, idempotency_key, fingerprint, job_id
+        )
         if earlier is not None:
-            return _accepted(response, earlier, replayed=True)
+            replayed = await idempotency.replay(claim, earlier, store.exists)
+            return _accepted(response, replayed, replayed=True)
     charge = None
     try:
         charge = await access.reserve_tokens(principal, body)  # or 429
         await queue.enqueue(data.with_charge(charge), priority=body.options.priority, job_id=job_id)
-    except Exception:
-        await access.refund(charge)
-        if idempotency_key is not None:
-            await idempotency.release(principal.tenant, idempotency_key)
+    except Exception as error:
+        await access.refund(charge, job_id)
+        if claim is not None and isinstance(error, FlowError):
+            with contextlib.suppress(FlowError):  # unrecorded, the pending claim expires
+                await idempotency.failed(claim, error)
         raise
+    if claim is not None:
+        # The job is queued whatever happens here: a replay finds it by its id even if this
+        # record is never written.
+        with contextlib.suppress(FlowError):
+            await idempotency.accepted(claim)
     return _accepted(response, job_id)
 
 

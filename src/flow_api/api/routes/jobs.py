@@ -11,11 +11,11 @@ from flow_api.api.auth import ReaderDep, WriterDep
 from flow_api.api.deps import QueueDep, StoreDep
 from flow_api.api.errors import error_response
 from flow_api.api.responses import errors
-from flow_api.auth.principal import Principal, ensure_owner
+from flow_api.auth.principal import Principal, Scope, ensure_owner
 from flow_api.errors import JobAlreadyFinished
 from flow_api.history import JobHistory
-from flow_api.models import JobRecord, JobResult, JobView
-from flow_api.queue.producer import JobQueue
+from flow_api.models import CancelledJob, JobRecord, JobResult, JobStatus, JobView
+from flow_api.queue.producer import CancelDecision, JobQueue
 from flow_api.queue.store import JobStore
 
 router = APIRouter(prefix="/api/ai", tags=["jobs"])
@@ -77,32 +77,56 @@ async def result(job_id: str, store: StoreDep, principal: ReaderDep) -> JobResul
 
 @router.post(
     "/jobs/{job_id}/cancel",
-    response_model=JobView,
+    response_model=JobView | CancelledJob,
     response_model_exclude_none=True,
     responses=_CANCEL,
 )
-async def cancel(job_id: str, queue: QueueDep, store: StoreDep, principal: WriterDep) -> JobView:
+async def cancel(
+    job_id: str, queue: QueueDep, store: StoreDep, principal: WriterDep
+) -> JobView | CancelledJob:
     """Cancel a waiting or active job (on whichever worker holds it; its provider call is
     aborted). 409 `job_already_finished` when it already completed, failed, expired or was
-    cancelled."""
+    cancelled. The cancel and the job's end are one atomic decision: a 200 means the job ends
+    `cancelled` and never stores a result. Keys without the `read` scope get `jobId` and
+    `status` only."""
     return await _cancel(job_id, queue, store, principal)
 
 
 @router.delete(
-    "/jobs/{job_id}", response_model=JobView, response_model_exclude_none=True, responses=_CANCEL
+    "/jobs/{job_id}",
+    response_model=JobView | CancelledJob,
+    response_model_exclude_none=True,
+    responses=_CANCEL,
 )
-async def delete(job_id: str, queue: QueueDep, store: StoreDep, principal: WriterDep) -> JobView:
+async def delete(
+    job_id: str, queue: QueueDep, store: StoreDep, principal: WriterDep
+) -> JobView | CancelledJob:
     """The same as `POST /api/ai/jobs/{jobId}/cancel`."""
     return await _cancel(job_id, queue, store, principal)
 
 
-async def _cancel(job_id: str, queue: JobQueue, store: JobStore, principal: Principal) -> JobView:
-    status = (await _history(store, job_id, principal)).status
-    if status.finished:
-        raise JobAlreadyFinished(f"the job is already {status.value}")
-    if not await queue.request_cancel(job_id):
+async def _cancel(
+    job_id: str, queue: JobQueue, store: JobStore, principal: Principal
+) -> JobView | CancelledJob:
+    reader = principal.allows(Scope.READ)
+    history = await _history(store, job_id, principal)
+    if history.status.finished:  # expired shows before a worker acts on it
+        raise JobAlreadyFinished(_finished(history.status, reader))
+    decision = await queue.request_cancel(job_id)
+    if decision is CancelDecision.ALREADY_CANCELLED:
         raise JobAlreadyFinished("the job is already cancelled")
+    if decision is CancelDecision.FINISHED:
+        raise JobAlreadyFinished(_finished(None, reader))
+    if not reader:
+        return CancelledJob(job_id=job_id, status=JobStatus.CANCELLED)
     return JobHistory(await store.fetch(job_id)).view
+
+
+def _finished(status: JobStatus | None, reader: bool) -> str:
+    # A key that may not read a job's status does not learn it from a cancel either.
+    if status is None or not reader:
+        return "the job has already ended; nothing left to cancel"
+    return f"the job is already {status.value}"
 
 
 @router.get(
