@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flow_api.errors import InvalidRequest
-from flow_api.jobs import Charge, JobData, estimate_tokens
+from flow_api.jobs import MESSAGE_OVERHEAD_TOKENS, Charge, JobData, estimate_tokens, quota_bound
 from flow_api.models import GenerateOptions, GenerateRequest
 
 
@@ -57,3 +57,11 @@ def test_one_token_estimate_for_quota_and_budget() -> None:
     assert estimate_tokens(request("a" * 8), 5, tokens_per_char=1.0) == 8 + 5
     data = JobData.submitted(asked, provider="p", model="m", tenant="t")
     assert data.estimate_tokens(999) == estimate_tokens(asked, 999)
+
+
+def test_the_quota_bound_counts_a_token_per_byte() -> None:
+    # CJK text is 3 bytes a character: the chars/4 estimate reserved a twelfth of this.
+    cjk = GenerateRequest(prompt="漢" * 100, options=GenerateOptions(max_tokens=10))
+    assert quota_bound(cjk, default_completion=999) == 300 + MESSAGE_OVERHEAD_TOKENS + 10
+    system = GenerateRequest(prompt="ab", options=GenerateOptions(system="xyz"))
+    assert quota_bound(system, default_completion=7) == 5 + MESSAGE_OVERHEAD_TOKENS + 7
