@@ -266,6 +266,9 @@ class Simulator:
                 await asyncio.sleep(wait)
         self.stats.prompt_tokens += chat.prompt_tokens
         self.stats.tokens_served += ans.tokens
+        if chat.marker is not None:
+            answered = self.stats.answered_by_key
+            answered[chat.marker.key] = answered.get(chat.marker.key, 0) + 1
         return self._respond(200, completion(chat, ans, f"sim{next(self._ids)}"), headers)
 
     async def _stream(

@@ -39,6 +39,8 @@ class SimulatorStats:
     requests: int = 0
     by_status: dict[int, int] = field(default_factory=dict)
     by_key: dict[str, int] = field(default_factory=dict)
+    answered_by_key: dict[str, int] = field(default_factory=dict)
+    """Successful answers per script key (a call paid for in full)."""
     by_api: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0
     tokens_served: int = 0
