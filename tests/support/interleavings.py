@@ -664,6 +664,9 @@ class Driver:
                 check(job.status != "cancelled", f"{job.id}: cancel answered 409, yet cancelled")
         ledgers = await self._check_ledgers(final=True)
         for name, tokens in ledgers.items():
+            # A submit answered 503 may have queued its job after all (the answer to the
+            # enqueue was lost): that job runs, and its key is charged what it used.
+            usage[name] += await self._unacknowledged_usage(name)
             why = "" if tokens == usage[name] else await self._explain_ledger(name)
             check(
                 tokens == usage[name],
@@ -678,19 +681,39 @@ class Driver:
             "unfinished at crashes and restarts",
         )
 
-    async def _explain_ledger(self, name: str) -> str:
-        """The jobs whose settle differs from what they used (for a ledger that does not add
-        up)."""
+    async def _settled(self, name: str) -> dict[str, str]:
         stack = self.stack
-        assert stack.settings is not None and self.client is not None
+        assert stack.settings is not None
         key_id = self.keys[name][2]
         window = int(time.time() // stack.settings.auth.quota_window_s)
         queue = stack.settings.redis.queue_name
         redis = connect(stack.settings.redis)
         try:
-            settled = await redis.hgetall(f"{token_quota_key(queue, key_id, window)}:settled")
+            settled: dict[str, str] = await redis.hgetall(
+                f"{token_quota_key(queue, key_id, window)}:settled"
+            )
         finally:
             await redis.aclose()
+        return settled
+
+    async def _unacknowledged_usage(self, name: str) -> int:
+        """Tokens settled for jobs of this key that exist but were never answered 202."""
+        assert self.client is not None
+        total = 0
+        for job_id, tokens in (await self._settled(name)).items():
+            if job_id in self.model.jobs:
+                continue
+            exists = await self.client.get(f"/api/ai/status/{job_id}", headers=self.headers(name))
+            if exists.status_code == 200:
+                self.model.actions["jobs queued though their submit answered 503"] += 1
+                total += int(tokens)
+        return total
+
+    async def _explain_ledger(self, name: str) -> str:
+        """The jobs whose settle differs from what they used (for a ledger that does not add
+        up)."""
+        assert self.client is not None
+        settled = await self._settled(name)
         odd = []
         for job in self.model.jobs.values():
             if job.key != name:

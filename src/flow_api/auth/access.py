@@ -3,6 +3,7 @@ limits a submit must pass (requests per window, then tokens per day)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -19,15 +20,19 @@ from flow_api.settings import AuthSettings
 
 log = logging.getLogger(__name__)
 
+REFUND_RETRIES_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+
 
 class AccessControl:
-    """Authentication and per-key limits for one API process. Holds no state of its own."""
+    """Authentication and per-key limits for one API process. Holds no state of its own but
+    the refunds it is still retrying."""
 
     def __init__(self, settings: AuthSettings, redis: Redis, queue_name: str) -> None:
         self.settings = settings
         self.keys = ApiKeyStore(redis, queue_name)
         self.rate = SubmitRateLimiter(redis, queue_name, settings.rate_window_s)
         self.quota = TokenQuota(redis, queue_name, settings.quota_window_s)
+        self._refunds: set[asyncio.Task[None]] = set()
 
     async def authenticate(self, authorization: str | None) -> Principal:
         """The caller, or `Unauthorized`. While auth is off, everyone is `ANONYMOUS`."""
@@ -66,8 +71,26 @@ class AccessControl:
         return await self.quota.reserve(principal, tokens, completion)
 
     async def refund(self, charge: Charge | None, job_id: str) -> None:
-        """Return a reservation whose job was never queued (best effort: Redis may be down)."""
+        """Return a reservation whose job was not queued. When Redis is away (usually why the
+        job was not queued) it is retried in the background for about 30 s; the settle is per
+        job, so a refund of a job that was queued after all is corrected by its worker."""
         if charge is None:
             return
-        with contextlib.suppress(FlowError):
+        try:
             await self.quota.settle(charge, 0, job_id)
+        except FlowError:
+            task = asyncio.create_task(self._refund_later(charge, job_id))
+            self._refunds.add(task)
+            task.add_done_callback(self._refunds.discard)
+
+    async def _refund_later(self, charge: Charge, job_id: str) -> None:
+        for delay_s in REFUND_RETRIES_S:
+            await asyncio.sleep(delay_s)
+            with contextlib.suppress(FlowError):
+                await self.quota.settle(charge, 0, job_id)
+                return
+        log.warning(
+            "key %s: %d reserved tokens of an unqueued job not refunded (Redis unreachable)",
+            charge.key_id,
+            charge.tokens,
+        )
