@@ -129,6 +129,7 @@ class Model:
     actions: Counter[str] = field(default_factory=Counter)
     checks: int = 0
     in_flight_at_disruptions: int = 0
+    calls_at_disruptions: int = 0
     violations: list[str] = field(default_factory=list)
 
     def check(self, ok: bool, message: str) -> None:
@@ -388,19 +389,23 @@ class Driver:
             await asyncio.sleep(rng.uniform(0, 0.3))
         elif roll < 0.94:
             self.model.actions["worker SIGKILL"] += 1
-            self.model.in_flight_at_disruptions += self._unfinished()
+            self._disrupting()
             self.stack.kill_worker(rng.random())
         elif roll < 0.985:
             self.model.actions["worker SIGTERM"] += 1
-            self.model.in_flight_at_disruptions += self._unfinished()
+            self._disrupting()
             self._spawn(self._term(rng.random()))
         else:
             self.model.actions["Valkey restart"] += 1
-            self.model.in_flight_at_disruptions += self._unfinished()
+            self._disrupting()
             await self.stack.restart_valkey(rng.random() < 0.5, rng.uniform(0.3, 1.5))
 
-    def _unfinished(self) -> int:
-        return sum(1 for job in self.model.jobs.values() if job.status not in TERMINAL)
+    def _disrupting(self) -> None:
+        """Count what a crash or restart may make run twice: every unfinished job (the bound
+        checked), and the provider calls in flight right now (the figure reported)."""
+        unfinished = sum(1 for job in self.model.jobs.values() if job.status not in TERMINAL)
+        self.model.in_flight_at_disruptions += unfinished
+        self.model.calls_at_disruptions += self.stack.simulator.stats.in_flight
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.ensure_future(work)
@@ -513,12 +518,23 @@ class Driver:
     # --- the poller: every snapshot is checked ----------------------------------------------
 
     async def _poll_forever(self) -> None:
+        health = asyncio.create_task(self._check_health_forever())
+        try:
+            while True:
+                await self._poll_once()
+                await asyncio.sleep(0.1)
+                self.polls += 1
+        finally:
+            health.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await health
+
+    async def _check_health_forever(self) -> None:
+        """Workers' live slots and the keys' ledgers, twice a second."""
         while True:
-            await self._poll_once()
             await self._check_heartbeats()
             await self._check_ledgers(final=False)
-            await asyncio.sleep(0.1)
-            self.polls += 1
+            await asyncio.sleep(0.5)
 
     async def _poll_once(self) -> None:
         assert self.client is not None
@@ -741,8 +757,9 @@ class Driver:
             f"actions: {dict(model.actions)}",
             f"answers: {dict(model.answers)}",
             f"jobs: {len(model.jobs)} acknowledged, final {dict(statuses)}; cancels won "
-            f"{len(model.cancel_won)}, lost {len(model.cancel_lost)}; unfinished at "
-            f"disruptions {model.in_flight_at_disruptions}",
+            f"{len(model.cancel_won)}, lost {len(model.cancel_lost)}; at crashes and "
+            f"restarts: {model.in_flight_at_disruptions} jobs unfinished, "
+            f"{model.calls_at_disruptions} provider calls in flight",
             f"replay: FLOW_SOAK_SEED={self.seed} FLOW_SOAK_STEPS={self.steps}",
         ]
         lines += [f"VIOLATION: {v}" for v in model.violations[:30]]
