@@ -306,6 +306,15 @@ class Stack:
         await asyncio.to_thread(self.valkey.stop)
         return codes
 
+    async def abort(self) -> None:
+        """Kill every process of the stack at once."""
+        for process in [*self.workers, self.api]:
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+        await self.simulator.stop()
+        self.valkey.kill()
+
     def worker_logs(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in self.root.glob("worker-*.log"))
 
@@ -335,21 +344,25 @@ class Driver:
 
     async def run(self) -> Model:
         stack = self.stack
-        await stack.start()
-        self.keys = await stack.make_keys(self.steps)
-        async with httpx.AsyncClient(base_url=stack.base, timeout=30) as client:
-            self.client = client
-            poller = asyncio.create_task(self._poll_forever())
-            try:
-                for _ in range(self.steps):
-                    await self._step()
-                await asyncio.gather(*self.pending)
-                await self._settle_down()
-            finally:
-                poller.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await poller
-            await self._final_checks()
+        try:
+            await stack.start()
+            self.keys = await stack.make_keys(self.steps)
+            async with httpx.AsyncClient(base_url=stack.base, timeout=30) as client:
+                self.client = client
+                poller = asyncio.create_task(self._poll_forever())
+                try:
+                    for _ in range(self.steps):
+                        await self._step()
+                    await asyncio.gather(*self.pending)
+                    await self._settle_down()
+                finally:
+                    poller.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await poller
+                await self._final_checks()
+        except BaseException:
+            await stack.abort()  # a failing run leaves no process behind
+            raise
         for pid, code in await stack.stop():
             self.model.check(code == 0, f"process {pid} stopped with exit code {code}")
         self.model.check(
