@@ -9,7 +9,8 @@ Imported by worker processes only. The handler contract, in full:
 - let `CancelledError` out only on shutdown: the job is handed back to the queue.
 
 A client's cancel reaches the task running the job as `CancelledError` once, with
-`JobHandle.cancelled_by_client` set; the handler turns it into an outcome.
+`JobHandle.cancelled_by_client` set; the handler turns it into an outcome. Before a job ends,
+the handler asks `JobHandle.may_finish` whether a cancel came first (one atomic decision).
 """
 
 from __future__ import annotations

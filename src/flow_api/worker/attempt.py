@@ -8,8 +8,11 @@ job is retried or what a cancel means.
 
 - The retry decision is `AttemptChain.final`, made once, and every step sees it.
 - A client's cancel interrupts the attempt only while its steps run `before` or the provider is
-  called; it is turned into `JobCancelled` here and nowhere else. Afterwards (finishing, or
-  recording a failure) a cancel is too late to interrupt and finds nothing to do.
+  called; it is turned into `JobCancelled` here and nowhere else. Afterwards, before the job
+  ends (with a result, or a final failure), the cancel and that end are decided once, atomically
+  in Redis (`JobHandle.may_finish`): a cancel that came first turns the outcome into
+  `JobCancelled` (an answer already received is discarded and its tokens refunded); one that
+  comes later answers `job_already_finished`.
 - Whatever else goes wrong becomes a `FlowError` (a lost Redis: `QueueUnavailable`; a bug:
   `WorkerFault`), so the queue always receives an outcome and the worker's slot goes on.
 """
