@@ -98,6 +98,8 @@ class IdempotencyStore:
             if existing is not None:  # else it expired between the two calls: claim again
                 break
         earlier: dict[str, Any] = orjson.loads(existing)
+        if earlier.get("jobId") == job_id:  # our own claim: the client resent a lost reply
+            return Claim(name, job_id, fingerprint), None
         if earlier["body"] != fingerprint:
             raise IdempotencyConflict(
                 "this Idempotency-Key was already used with a different request body",

@@ -18,9 +18,9 @@ BullMQ owns `<prefix>:<queue>:*`. Flow API adds:
   `FLOW_AUTH_RATE_WINDOW_S`.
 - `flow:<queue>:auth:tokens:{<keyId>}:<window>` (string): tokens reserved and used in one quota
   window; TTL two windows.
-- `flow:<queue>:auth:tokens:{<keyId>}:<window>:settled` (hash): job id -> tokens that job's
-  settle recorded, so a job settled twice (run again after a crash) is corrected, not counted
-  twice; TTL two windows. The hash tag keeps both in one Redis Cluster slot.
+- `flow:<queue>:auth:tokens:{<keyId>}:<window>:jobs` (hash): job id -> tokens its reservation,
+  then its settle, holds, so a reserve sent twice or a job settled twice (run again after a
+  crash) counts once; TTL two windows. The hash tag keeps both in one Redis Cluster slot.
 - `flow:<queue>:budget:{<provider>/<model>}` (hash): a model's shared rate budget (next free
   request and token times, cooldown after a 429); TTL refreshed on use, a few minutes past the
   last reservation (see `budget/`).
@@ -67,8 +67,8 @@ def token_quota_key(queue_name: str, key_id: str, window: int) -> str:
     return f"flow:{queue_name}:auth:tokens:{{{key_id}}}:{window}"
 
 
-def token_settled_key(queue_name: str, key_id: str, window: int) -> str:
-    return f"{token_quota_key(queue_name, key_id, window)}:settled"
+def token_jobs_key(queue_name: str, key_id: str, window: int) -> str:
+    return f"{token_quota_key(queue_name, key_id, window)}:jobs"
 
 
 def budget_key(queue_name: str, provider: str, model: str) -> str:

@@ -719,7 +719,7 @@ class Driver:
         redis = connect(stack.settings.redis)
         try:
             settled: dict[str, str] = await redis.hgetall(
-                f"{token_quota_key(queue, key_id, window)}:settled"
+                f"{token_quota_key(queue, key_id, window)}:jobs"
             )
         finally:
             await redis.aclose()

@@ -13,7 +13,7 @@ from flow_api.auth.api_keys import ApiKey, ApiKeyStore
 from flow_api.auth.principal import ANONYMOUS, Principal
 from flow_api.auth.quota import TokenQuota
 from flow_api.auth.rate import SubmitRateLimiter
-from flow_api.errors import FlowError, Unauthorized
+from flow_api.errors import FlowError, QueueUnavailable, Unauthorized
 from flow_api.jobs import Charge, quota_bound
 from flow_api.models import GenerateRequest
 from flow_api.settings import AuthSettings
@@ -62,13 +62,20 @@ class AccessControl:
         """Count a submit against the key's request rate; raises `RateLimited`."""
         await self.rate.hit(principal)
 
-    async def reserve_tokens(self, principal: Principal, request: GenerateRequest) -> Charge | None:
+    async def reserve_tokens(
+        self, principal: Principal, request: GenerateRequest, job_id: str
+    ) -> Charge | None:
         """Reserve the most the request may spend (`quota_bound`; raises `QuotaExhausted` before
-        anything is queued); returns the reservation the job carries (`JobData.charge`) to its
-        worker."""
+        anything is queued) for job `job_id`; returns the reservation the job carries
+        (`JobData.charge`) to its worker. When Redis is lost mid-call the reservation may have
+        been made: it is refunded (in the background, once Redis answers)."""
         completion = request.options.max_tokens or self.settings.estimate_completion_tokens
         tokens = quota_bound(request, self.settings.estimate_completion_tokens)
-        return await self.quota.reserve(principal, tokens, completion)
+        try:
+            return await self.quota.reserve(principal, tokens, job_id, completion)
+        except QueueUnavailable:
+            self._refund_soon(self.quota.charge_for(principal, tokens, completion), job_id)
+            raise
 
     async def refund(self, charge: Charge | None, job_id: str) -> None:
         """Return a reservation whose job was not queued. When Redis is away (usually why the
@@ -79,9 +86,12 @@ class AccessControl:
         try:
             await self.quota.settle(charge, 0, job_id)
         except FlowError:
-            task = asyncio.create_task(self._refund_later(charge, job_id))
-            self._refunds.add(task)
-            task.add_done_callback(self._refunds.discard)
+            self._refund_soon(charge, job_id)
+
+    def _refund_soon(self, charge: Charge, job_id: str) -> None:
+        task = asyncio.create_task(self._refund_later(charge, job_id))
+        self._refunds.add(task)
+        task.add_done_callback(self._refunds.discard)
 
     async def _refund_later(self, charge: Charge, job_id: str) -> None:
         for delay_s in REFUND_RETRIES_S:

@@ -3,7 +3,7 @@
 The reservation is `jobs.quota_bound` (a true upper bound of what the job may spend, see there),
 so a settle only ever gives tokens back: the window's counter never goes over the key's limit
 while providers report no more than that bound. A job's settle is recorded per job
-(`token_settled_key`): a job settled again (run again after a crash or a lost finish) replaces
+(`token_jobs_key`): a job settled again (run again after a crash or a lost finish) replaces
 its earlier settle instead of adding to it.
 
 Why a small Lua script and not the `limits` library here: a quota needs "refuse without
@@ -21,28 +21,33 @@ from redis.asyncio import Redis
 from flow_api.auth.principal import Principal
 from flow_api.errors import QuotaExhausted
 from flow_api.jobs import Charge
-from flow_api.keys import token_quota_key, token_settled_key
+from flow_api.keys import token_jobs_key, token_quota_key
 from flow_api.queue.connection import redis_errors_as_unavailable
 
-# Reserve ARGV[2] tokens if they fit under the limit ARGV[1]; returns {admitted, used}.
+# Reserve ARGV[2] tokens for job ARGV[4] if they fit under the limit ARGV[1]; returns {admitted,
+# used}. Once per job: a reserve sent again (a client retrying after a lost reply) finds the
+# job's entry and counts nothing more. KEYS: the window's counter, its jobs hash. ARGV[3]: TTL.
 _RESERVE = """
 local used = tonumber(redis.call("GET", KEYS[1]) or "0")
+if redis.call("HEXISTS", KEYS[2], ARGV[4]) == 1 then return {1, used} end
 local cost = tonumber(ARGV[2])
 if used + cost > tonumber(ARGV[1]) then return {0, used} end
 redis.call("INCRBY", KEYS[1], cost)
 redis.call("EXPIRE", KEYS[1], ARGV[3])
+redis.call("HSET", KEYS[2], ARGV[4], cost)
+redis.call("EXPIRE", KEYS[2], ARGV[3])
 return {1, used + cost}
 """
 
-# Settle job ARGV[1] (reserved ARGV[2]) at ARGV[3] tokens in a window that still exists: add the
-# difference from what the job last settled at (its reservation, if never), never below zero.
-# KEYS: the window's counter, its settled hash. ARGV[4]: the hash's TTL.
+# Settle job ARGV[1] at ARGV[2] tokens: add the difference from what its entry holds (its
+# reservation, or its last settle), never below zero. A job with no entry reserved nothing here
+# (its reservation never happened, or its window is gone): nothing to do.
+# KEYS: the window's counter, its jobs hash.
 _SETTLE = """
-if redis.call("EXISTS", KEYS[1]) == 0 then return 0 end
-local before = tonumber(redis.call("HGET", KEYS[2], ARGV[1]) or ARGV[2])
-local delta = tonumber(ARGV[3]) - before
-redis.call("HSET", KEYS[2], ARGV[1], ARGV[3])
-redis.call("EXPIRE", KEYS[2], ARGV[4])
+local before = redis.call("HGET", KEYS[2], ARGV[1])
+if not before or redis.call("EXISTS", KEYS[1]) == 0 then return 0 end
+local delta = tonumber(ARGV[2]) - tonumber(before)
+redis.call("HSET", KEYS[2], ARGV[1], ARGV[2])
 if redis.call("INCRBY", KEYS[1], delta) < 0 then redis.call("SET", KEYS[1], 0, "KEEPTTL") end
 return 1
 """
@@ -57,26 +62,32 @@ class TokenQuota:
         self._reserve = redis.register_script(_RESERVE)
         self._settle = redis.register_script(_SETTLE)
 
+    def charge_for(self, principal: Principal, tokens: int, completion: int | None) -> Charge:
+        """The reservation `tokens` would be in the key's current window."""
+        assert principal.key_id is not None
+        window = int(time.time() // self.window_s)
+        return Charge(key_id=principal.key_id, window=window, tokens=tokens, completion=completion)
+
     async def reserve(
-        self, principal: Principal, tokens: int, completion: int | None = None
+        self, principal: Principal, tokens: int, job_id: str, completion: int | None = None
     ) -> Charge | None:
-        """Reserve `tokens` of the key's quota, or raise `QuotaExhausted`. None when the key
-        has no quota (or auth is off): nothing to settle later. `completion`: the completion
-        tokens included, which the worker then holds the call to."""
+        """Reserve `tokens` of the key's quota for job `job_id`, or raise `QuotaExhausted`.
+        None when the key has no quota (or auth is off): nothing to settle later.
+        `completion`: the completion tokens included, which the worker holds the call to."""
         limit = principal.tokens_per_day
         if principal.key_id is None or limit <= 0:
             return None
         now = time.time()
-        window = int(now // self.window_s)
-        key = token_quota_key(self.queue_name, principal.key_id, window)
+        charge = self.charge_for(principal, tokens, completion)
+        key = token_quota_key(self.queue_name, charge.key_id, charge.window)
+        jobs = token_jobs_key(self.queue_name, charge.key_id, charge.window)
         with redis_errors_as_unavailable():
             admitted, used = await self._reserve(
-                keys=[key], args=[limit, tokens, 2 * self.window_s]
+                keys=[key, jobs], args=[limit, tokens, 2 * self.window_s, job_id]
             )
+        window = charge.window
         if admitted:
-            return Charge(
-                key_id=principal.key_id, window=window, tokens=tokens, completion=completion
-            )
+            return charge
         if tokens > limit:
             message = (
                 f"this request may use up to {tokens} tokens, more than the key's whole quota "
@@ -90,11 +101,9 @@ class TokenQuota:
         raise QuotaExhausted(message, retry_after=(window + 1) * self.window_s - now)
 
     async def settle(self, charge: Charge, used: int, job_id: str) -> None:
-        """Replace job `job_id`'s reservation by the tokens it really used (0 refunds it). Settling
-        a job again replaces its earlier settle: nothing is counted twice."""
+        """Replace job `job_id`'s reservation by the tokens it really used (0 refunds it).
+        Settling a job again replaces its earlier settle: nothing is counted twice."""
         key = token_quota_key(self.queue_name, charge.key_id, charge.window)
-        settled = token_settled_key(self.queue_name, charge.key_id, charge.window)
+        jobs = token_jobs_key(self.queue_name, charge.key_id, charge.window)
         with redis_errors_as_unavailable():
-            await self._settle(
-                keys=[key, settled], args=[job_id, charge.tokens, used, 2 * self.window_s]
-            )
+            await self._settle(keys=[key, jobs], args=[job_id, used])

@@ -72,7 +72,7 @@ async def submit(
             return _accepted(response, replayed, replayed=True)
     charge = None
     try:
-        charge = await access.reserve_tokens(principal, body)  # or 429
+        charge = await access.reserve_tokens(principal, body, job_id)  # or 429
         await queue.enqueue(data.with_charge(charge), priority=body.options.priority, job_id=job_id)
     except Exception as error:
         await access.refund(charge, job_id)
