@@ -338,12 +338,14 @@ class Driver:
         self.n = 0
         self.heartbeat_checks = 0
         self.polls = 0
+        self.progress = time.monotonic()
 
     def headers(self, name: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[name][1]}"}
 
     async def run(self) -> Model:
         stack = self.stack
+        watchdog = asyncio.create_task(self._watch(asyncio.current_task()))
         try:
             await stack.start()
             self.keys = await stack.make_keys(self.steps)
@@ -363,6 +365,8 @@ class Driver:
         except BaseException:
             await stack.abort()  # a failing run leaves no process behind
             raise
+        finally:
+            watchdog.cancel()
         for pid, code in await stack.stop():
             self.model.check(code == 0, f"process {pid} stopped with exit code {code}")
         self.model.check(
@@ -370,12 +374,32 @@ class Driver:
         )
         return self.model
 
+    async def _watch(self, main: asyncio.Task[Any] | None, stall_s: float = 150) -> None:
+        """A run that makes no progress for `stall_s` is a finding too: print where every task
+        waits, and end the run."""
+        while True:
+            await asyncio.sleep(5)
+            if time.monotonic() - self.progress < stall_s:
+                continue
+            lines = [f"driver made no progress for {stall_s:.0f} s; tasks:"]
+            for task in asyncio.all_tasks():
+                frames = task.get_stack(limit=8)
+                where = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(frames))
+                lines.append(f"  {task.get_name()}: {where}")
+            for line in lines:
+                print(f"VIOLATION: stall | {line}", flush=True)
+            self.model.violations.append("\n".join(lines))
+            if main is not None:
+                main.cancel()
+            return
+
     # --- steps ----------------------------------------------------------------------------
 
     async def _step(self) -> None:
         """One step. Every random choice is drawn here, before anything is awaited, so a seed
         replays the same schedule whatever the processes' timing (choices that need the
         stack's state draw a number and apply it to that state)."""
+        self.progress = time.monotonic()
         rng = self.rng
         roll = rng.random()
         for problem in self.stack.unexpected_exits():
@@ -650,6 +674,7 @@ class Driver:
         assert self.client is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            self.progress = time.monotonic()
             left = [j for j in self.model.jobs.values() if not j.ended]
             if not left:
                 return
@@ -670,6 +695,7 @@ class Driver:
         model, check = self.model, self.model.check
         usage: Counter[str] = Counter()
         for job in model.jobs.values():
+            self.progress = time.monotonic()
             headers = self.headers(job.key)
             view = await self.client.get(f"/api/ai/status/{job.id}", headers=headers)
             check(view.status_code == 200, f"{job.id}: acknowledged, then {view.status_code}")
