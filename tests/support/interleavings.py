@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import signal
 import subprocess
@@ -190,7 +189,7 @@ class Stack:
         with out:  # the child holds its own copy: a pipe nobody reads would block it
             process = subprocess.Popen(
                 flow_api_command(*args),
-                env={**os.environ, **env_for(self.settings)},
+                env=env_for(self.settings, inherit=True),  # (not the driver's FLOW_SOAK_*)
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
