@@ -42,6 +42,18 @@ async def ledger(store: ApiKeyStore, settings: Settings, caller: Caller) -> int:
     return int(await store.redis.get(key) or 0)
 
 
+async def jobs_in_queue(store: ApiKeyStore, settings: Settings) -> int:
+    """Every job of the queue in any BullMQ state (each is in exactly one of these)."""
+    prefix = f"{settings.redis.prefix}:{settings.redis.queue_name}"
+    redis = store.redis
+    lists = [await redis.llen(f"{prefix}:{name}") for name in ("wait", "active", "paused")]
+    sets = [
+        await redis.zcard(f"{prefix}:{name}")
+        for name in ("delayed", "prioritized", "completed", "failed", "waiting-children")
+    ]
+    return sum(lists) + sum(sets)
+
+
 @pytest.mark.parametrize("auth_settings", [RATE], indirect=True)
 async def test_submit_rate_is_limited_per_key_and_recovers_after_the_window(
     caller: KeyMaker,
@@ -99,13 +111,15 @@ async def test_quota_refusal_makes_no_provider_call_and_usage_is_settled(
     too_big = await acme.post("/api/ai/generate", {"prompt": "x", "options": {"maxTokens": 500}})
     assert_429(too_big, "quota_exhausted", 3600)
     assert "more than the key's whole quota" in too_big.json()["error"]["message"]
-    await asyncio.sleep(0.5)  # a worker is running: give a wrongly queued job time to run
-    assert simulator.stats.requests == calls
-    assert await ledger(store, settings, acme) == used
+    assert await ledger(store, settings, acme) == used  # the refusals reserved nothing
 
     # What is left still fits a smaller request, and other keys have their own quota.
     job_id = await acme.submit("one two", maxTokens=50)
     assert (await acme.wait(job_id))["status"] == "completed"
+    # Nothing was queued for the refused submits: the queue holds the two accepted jobs only,
+    # and the provider saw one more call (this one), not a wrongly queued job's.
+    assert await jobs_in_queue(store, settings) == 2
+    assert simulator.stats.requests == calls + 1
     globex = await caller("globex")
     await globex.submit("one two", maxTokens=90)
 
