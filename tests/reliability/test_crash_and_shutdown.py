@@ -106,9 +106,10 @@ async def test_a_slow_healthy_call_is_not_run_twice(
     lock_s = 5
     settings.worker.lock_duration_ms = lock_s * 1000
     settings.worker.stalled_interval_ms = 1000
+    settings.worker.job_timeout_s = 60  # also the SDK's HTTP timeout (tests default to 5 s)
     workers = [flow_api("worker", env=env_for(settings)) for _ in range(2)]
     try:
-        await wait_for_workers(settings, 2)  # both run, so both check for stalled jobs
+        await wait_for_workers(settings, 2, timeout_s=90)  # both run: both check for stalls
         prompt = f"[[sim:slow:hang@{3 * lock_s + 1}]] slow but fine"
         job_id = await api.submit(prompt, timeoutMs=60_000)
         status = await api.wait(job_id, timeout_s=60)
@@ -116,7 +117,7 @@ async def test_a_slow_healthy_call_is_not_run_twice(
     finally:
         outputs = [await astop(w) for w in workers]
     assert all(code == 0 for code, _ in outputs), outputs
-    assert status["status"] == "completed", status
+    assert status["status"] == "completed", (status, record)
     assert status["attempts"] == 1, status
     assert len(record["attempts"]) == 1, record["attempts"]  # never taken for stalled
     assert simulator.stats.by_key["slow"] == 1
