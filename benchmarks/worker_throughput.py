@@ -350,29 +350,16 @@ async def alternate(
     rows = [r.row(i + 1) for i, each in enumerate(results) for r in each.values()]
     print(table(HEADER, rows))
     print()
-    # Two ratios a pair: jobs/s (what the goals name; it swings when other processes take the
-    # cores mid-run) and CPU per job, the inverse (less sensitive to other load on the machine).
-    ratio_header = ["round"]
-    for n, d, _ in ratios:
-        ratio_header += [f"{n}/{d} jobs/s", f"{d}/{n} CPU ms/job"]
-
-    def pair(each: dict[str, Result], n: str, d: str) -> tuple[float, float]:
-        return each[n].per_s / each[d].per_s, each[d].cpu_ms / each[n].cpu_ms
-
-    ratio_rows: list[list[object]] = []
-    for i, each in enumerate(results):
-        ratio_rows.append([i + 1, *(f"{v:.2f}" for n, d, _ in ratios for v in pair(each, n, d))])
-    medians = [
-        median([pair(each, n, d)[k] for each in results]) for n, d, _ in ratios for k in (0, 1)
+    ratio_header = ["round", *(f"{n}/{d}" for n, d, _ in ratios)]
+    ratio_rows: list[list[object]] = [
+        [i + 1, *(f"{each[n].per_s / each[d].per_s:.2f}" for n, d, _ in ratios)]
+        for i, each in enumerate(results)
     ]
+    medians = [median([each[n].per_s / each[d].per_s for each in results]) for n, d, _ in ratios]
     ratio_rows.append(["median", *(f"**{m:.2f}**" for m in medians)])
     print(table(ratio_header, ratio_rows))
-    for i, (n, d, goal) in enumerate(ratios):
-        speed, cpu = medians[2 * i], medians[2 * i + 1]
-        print(
-            f"median over {rounds} rounds: {n}/{d} jobs/s = {speed:.2f} ({goal}); "
-            f"{d}/{n} CPU ms/job = {cpu:.2f}"
-        )
+    for (n, d, goal), m in zip(ratios, medians, strict=True):
+        print(f"median {n}/{d} over {rounds} rounds = {m:.2f} ({goal})")
     print()
 
 
