@@ -182,9 +182,14 @@ async def test_sigterm_past_the_grace_period_hands_jobs_back(
 
 async def test_an_idle_worker_stops_fast(api: Api, settings: Settings) -> None:
     worker = flow_api("worker", env=env_for(settings))
-    job_id = await api.submit("warm up")
-    assert (await api.wait(job_id))["status"] == "completed"
-    await wait_for_workers(settings, 1)  # idle, blocked in BullMQ's BZPOPMIN
+    try:
+        job_id = await api.submit("warm up")
+        assert (await api.wait(job_id, timeout_s=60))["status"] == "completed"
+        await wait_for_workers(settings, 1)  # idle, blocked in BullMQ's BZPOPMIN
+    except BaseException:
+        worker.kill()  # a failed test leaves no worker behind
+        await astop(worker, interrupt=False)
+        raise
     started = time.monotonic()
     worker.send_signal(signal.SIGTERM)
     code, output = await astop(worker, timeout_s=10, interrupt=False)
