@@ -116,10 +116,12 @@ async def test_no_key_in_answers_or_redis_and_no_prompt_in_info_logs(
     assert secrets_in(logged, PROVIDER_KEY, acme.key, PROMPT_MARK) == []
 
 
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
 async def test_processes_log_no_key_and_no_prompt(
-    settings: Settings, simulator: Simulator, store: ApiKeyStore, raw_redis: Redis
+    settings: Settings, simulator: Simulator, store: ApiKeyStore, raw_redis: Redis, level: str
 ) -> None:
-    """`flow-api api` and `flow-api worker` as real processes, keys from the environment."""
+    """`flow-api api` and `flow-api worker` as real processes, keys from the environment; at
+    DEBUG too (the SDKs' own debug logs quote request bodies and headers)."""
     port = free_port()
     env = {
         "FLOW_REDIS_URL": settings.redis.url,
@@ -133,7 +135,7 @@ async def test_processes_log_no_key_and_no_prompt(
         "OPENAI_BASE_URL": simulator.base_url,
         "FLOW_OPENAI_MODEL": "gpt-sim",
         "FLOW_WORKER_BACKOFF_BASE_MS": "50",
-        "FLOW_LOG_LEVEL": "INFO",
+        "FLOW_LOG_LEVEL": level,
     }
     _, key = await store.create("acme", "canary", frozenset({Scope.SUBMIT, Scope.READ}))
     api = flow_api("api", env=env)
@@ -166,6 +168,8 @@ async def test_processes_log_no_key_and_no_prompt(
             outputs.append(stop(process)[1])
     output = "\n".join(outputs)
     assert "worker consuming queue" in output and "authentication on" in output
+    if level == "DEBUG":
+        assert " DEBUG " in output  # the level took effect: debug lines were searched too
     assert secrets_in(output, PROVIDER_KEY, key, PROMPT_MARK) == []
     stored = await everything_stored(raw_redis)
     assert PROMPT_MARK.encode() in stored
