@@ -52,13 +52,10 @@ async def test_finished_jobs_carry_the_retention_as_bullmqs_removal_age(
     assert (await api.wait(done))["status"] == "completed"
     redis = connect(settings.redis)
     try:
-        for job_id in (done,):
-            raw = await redis.hget(
-                f"{settings.redis.prefix}:{settings.redis.queue_name}:{job_id}", "opts"
-            )
-            opts = orjson.loads(raw)
-            retention = settings.worker.retention_s
-            assert opts["removeOnComplete"] == {"age": retention}, opts
-            assert opts["removeOnFail"] == {"age": retention}, opts
+        key = f"{settings.redis.prefix}:{settings.redis.queue_name}:{done}"
+        opts = orjson.loads(await redis.hget(key, "opts"))
     finally:
         await redis.aclose()
+    retention = settings.worker.retention_s
+    assert opts["removeOnComplete"] == {"age": retention}, opts
+    assert opts["removeOnFail"] == {"age": retention}, opts
