@@ -12,7 +12,7 @@ import pytest
 from flow_api.auth.api_keys import ApiKeyStore
 from flow_api.embedded import EmbeddedValkey
 from flow_api.keys import token_quota_key
-from flow_api.settings import AuthSettings, Settings
+from flow_api.settings import AuthSettings, BudgetLimit, Settings
 from flow_api.testing.simulator import Simulator
 from flow_api.worker import FlowWorker
 from tests.security.conftest import Caller, KeyMaker, simulated_settings
@@ -146,3 +146,61 @@ async def test_quota_recovers_in_the_next_window(caller: KeyMaker) -> None:
     wait = assert_429(refused, "quota_exhausted", 2)
     await asyncio.sleep(wait + 0.05)
     await acme.submit("x", maxTokens=90)
+
+
+@pytest.mark.parametrize("auth_settings", [QUOTA], indirect=True)
+async def test_cancelling_a_job_waiting_for_budget_refunds_its_tokens(
+    caller: KeyMaker,
+    start_worker: WorkerFactory,
+    store: ApiKeyStore,
+    settings: Settings,
+    simulator: Simulator,
+) -> None:
+    # One call a minute for the model: the second job is put back in BullMQ's delayed set to
+    # wait for the budget (no attempt spent), and cancelled there.
+    settings.budget.limits = {"openai/*": BudgetLimit(rpm=1)}
+    await start_worker(settings)
+    acme = await caller("acme")
+    first = await acme.submit("one two", maxTokens=20)
+    assert (await acme.wait(first))["status"] == "completed"
+    used = await ledger(store, settings, acme)
+    waiting = await acme.submit("one two", maxTokens=20)
+    assert await ledger(store, settings, acme) > used  # reserved at submit
+    delayed = f"{settings.redis.prefix}:{settings.redis.queue_name}:delayed"
+    deadline = time.monotonic() + 20
+    while await store.redis.zscore(delayed, waiting) is None:
+        assert time.monotonic() < deadline, "the job was never put back to wait for budget"
+        await asyncio.sleep(0.05)
+    answer = await acme.post(f"/api/ai/jobs/{waiting}/cancel")
+    assert answer.status_code == 200, answer.text
+    status = await acme.wait(waiting)
+    assert status["status"] == "cancelled", status
+    # The worker that takes the promoted job ends it without a call and gives back its tokens.
+    deadline = time.monotonic() + 20
+    while await ledger(store, settings, acme) != used:
+        assert time.monotonic() < deadline, "the cancelled job's tokens were never given back"
+        await asyncio.sleep(0.05)
+    assert simulator.stats.requests == 1  # no call for the cancelled job
+
+
+@pytest.mark.parametrize("auth_settings", [QUOTA], indirect=True)
+async def test_an_expired_job_is_refunded(
+    caller: KeyMaker,
+    start_worker: WorkerFactory,
+    store: ApiKeyStore,
+    settings: Settings,
+    simulator: Simulator,
+) -> None:
+    acme = await caller("acme")
+    job_id = await acme.submit("one two", maxTokens=80, startWithinMs=100)
+    assert await ledger(store, settings, acme) > 80  # reserved at submit
+    await asyncio.sleep(0.2)  # no worker yet: the start deadline passes
+    await start_worker(settings)
+    # The API answers `expired` as soon as the deadline has passed; the worker that takes the
+    # job then ends it (no call) and gives its reservation back.
+    assert (await acme.wait(job_id))["status"] == "expired"
+    deadline = time.monotonic() + 20
+    while await ledger(store, settings, acme) != 0:
+        assert time.monotonic() < deadline, "the expired job's tokens were never given back"
+        await asyncio.sleep(0.05)
+    assert simulator.stats.requests == 0
