@@ -225,3 +225,44 @@ async def test_cancel_reaches_the_worker_process_holding_the_job(
     assert record["status"] == "cancelled"
     assert record["attempts"][-1]["error"]["code"] == "cancelled"
     assert simulator.stats.by_key["cx"] == 1
+
+
+async def test_a_job_that_keeps_crashing_its_worker_fails_after_max_stalled(
+    api: Api, settings: Settings, simulator: Simulator
+) -> None:
+    # Every worker that takes this job dies (SIGKILL) while its call hangs. BullMQ's stalled
+    # check hands it to the next worker FLOW_WORKER_MAX_STALLED times (3, the default), then
+    # fails it instead of letting it take down workers forever.
+    settings.worker.lock_duration_ms = 2000
+    settings.worker.stalled_interval_ms = 1000
+    settings.worker.job_timeout_s = 60
+    assert settings.worker.max_stalled == 3
+    job_id = await api.submit("[[sim:stall:hang]] crashes every worker", timeoutMs=60_000)
+    crashes = 0
+    while True:
+        # A new worker: its stalled check returns the job to the queue (or fails it), then it
+        # takes the job and calls the provider, and dies in the call.
+        worker = flow_api("worker", env=env_for(settings))
+        try:
+            deadline = time.monotonic() + 90
+            while simulator.stats.by_key.get("stall", 0) == crashes:
+                status = await api.status(job_id)
+                if status["status"] == "failed":
+                    break
+                assert time.monotonic() < deadline, f"stuck after {crashes} crashes: {status}"
+                await asyncio.sleep(0.1)
+            else:
+                worker.send_signal(signal.SIGKILL)
+                crashes += 1
+                assert crashes <= 6, "the job was never failed"
+                continue
+            break
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+            worker.wait(10)
+    record = await api.record(job_id)
+    assert crashes == settings.worker.max_stalled + 1, (crashes, status)
+    assert "stalled more than allowable limit" in status["error"]["message"], status  # BullMQ's
+    print(f"\njob crashing its worker: failed after {crashes} crashes: {status['error']}")
+    assert len(record["attempts"]) == crashes, record["attempts"]
