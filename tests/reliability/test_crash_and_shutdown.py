@@ -25,11 +25,13 @@ def fast_locks(settings: Settings) -> Iterator[Settings]:
     # Shorter locks so crash recovery happens within the test's time; production uses 30 s.
     # (3 s proved too short on a loaded 2-core machine: renewals lagged and healthy jobs were
     # taken for stalled — exactly the failure the lock settings must avoid.)
-    settings.worker.lock_duration_ms = 10_000
-    settings.worker.stalled_interval_ms = 2000
-    settings.worker.concurrency = 400
-    settings.worker.job_timeout_s = 60
-    yield settings
+    # A copy: the running API shares `settings`, and these are the workers' settings alone.
+    locked = settings.model_copy(deep=True)
+    locked.worker.lock_duration_ms = 10_000
+    locked.worker.stalled_interval_ms = 2000
+    locked.worker.concurrency = 400
+    locked.worker.job_timeout_s = 60
+    yield locked
 
 
 async def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
@@ -104,10 +106,11 @@ async def test_a_slow_healthy_call_is_not_run_twice(
     # (every lockDuration / 2, as in production), must keep it ours while a second worker's
     # stalled-job check runs every second.
     lock_s = 5
-    settings.worker.lock_duration_ms = lock_s * 1000
-    settings.worker.stalled_interval_ms = 1000
-    settings.worker.job_timeout_s = 60  # also the SDK's HTTP timeout (tests default to 5 s)
-    workers = [flow_api("worker", env=env_for(settings)) for _ in range(2)]
+    workers_settings = settings.model_copy(deep=True)  # the running API keeps its own
+    workers_settings.worker.lock_duration_ms = lock_s * 1000
+    workers_settings.worker.stalled_interval_ms = 1000
+    workers_settings.worker.job_timeout_s = 60  # also the SDK's HTTP timeout (tests: 5 s)
+    workers = [flow_api("worker", env=env_for(workers_settings)) for _ in range(2)]
     try:
         await wait_for_workers(settings, 2, timeout_s=90)  # both run: both check for stalls
         prompt = f"[[sim:slow:hang@{3 * lock_s + 1}]] slow but fine"
@@ -233,10 +236,11 @@ async def test_a_job_that_keeps_crashing_its_worker_fails_after_max_stalled(
     # Every worker that takes this job dies (SIGKILL) while its call hangs. BullMQ's stalled
     # check hands it to the next worker FLOW_WORKER_MAX_STALLED times (3, the default), then
     # fails it instead of letting it take down workers forever.
+    api_settings, settings = settings, settings.model_copy(deep=True)  # the API keeps its own
     settings.worker.lock_duration_ms = 2000
     settings.worker.stalled_interval_ms = 1000
     settings.worker.job_timeout_s = 60
-    assert settings.worker.max_stalled == 3
+    assert settings.worker.max_stalled == api_settings.worker.max_stalled == 3  # the default
     job_id = await api.submit("[[sim:stall:hang]] crashes every worker", timeoutMs=60_000)
     crashes = 0
     while True:

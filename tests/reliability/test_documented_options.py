@@ -60,10 +60,11 @@ async def test_priority_one_runs_first(
     api: Api, start_worker: WorkerFactory, settings: Settings
 ) -> None:
     # Queued before any worker runs; one slot, so the start order is the queue's order.
-    settings.worker.concurrency = 1
+    one_slot = settings.model_copy(deep=True)  # the running API keeps its own settings
+    one_slot.worker.concurrency = 1
     ranked = [(5, "low"), (1, "high"), (3, "middle"), (None, "none")]
     ids = {name: await api.submit(f"priority {name}", priority=p) for p, name in ranked}
-    await start_worker(settings)
+    await start_worker(one_slot)
     started = {}
     for name, job_id in ids.items():
         assert (await api.wait(job_id))["status"] == "completed"

@@ -165,8 +165,9 @@ async def test_cancelling_a_job_waiting_for_budget_refunds_its_tokens(
 ) -> None:
     # One call a minute for the model: the second job is put back in BullMQ's delayed set to
     # wait for the budget (no attempt spent), and cancelled there.
-    settings.budget.limits = {"openai/*": BudgetLimit(rpm=1)}
-    await start_worker(settings)
+    paced = settings.model_copy(deep=True)  # the running API keeps its own settings
+    paced.budget.limits = {"openai/*": BudgetLimit(rpm=1)}
+    await start_worker(paced)
     acme = await caller("acme")
     first = await acme.submit("one two", maxTokens=20)
     assert (await acme.wait(first))["status"] == "completed"
