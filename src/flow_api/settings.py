@@ -66,6 +66,9 @@ class ApiSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(3000, ge=0, le=65535)
     max_body_bytes: int = Field(1_048_576, gt=0, description="larger bodies get 413")
+    body_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="a body not fully received in this time gets 408"
+    )
     max_prompt_chars: int = Field(100_000, gt=0, description="longer prompts get 422")
     max_metadata_bytes: int = Field(4096, gt=0, description="size cap on options.metadata")
     idempotency_ttl_s: int = Field(86_400, ge=1, description="how long an Idempotency-Key holds")
