@@ -86,6 +86,12 @@ class WorkerSettings(BaseSettings):
 
     concurrency: int = Field(100, ge=1, le=10_000, description="jobs in flight per process")
     job_timeout_s: float = Field(120.0, gt=0, description="per-attempt limit unless timeoutMs")
+    max_job_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        le=86_400,
+        description="the largest timeoutMs a request may ask for (larger: 422 at submit)",
+    )
     attempts: int = Field(5, ge=1, le=50, description="tries per job, the first included")
     backoff_base_ms: int = Field(1000, ge=0, description="first retry delay before jitter")
     backoff_max_ms: int = Field(60_000, ge=0, description="cap on one retry delay")

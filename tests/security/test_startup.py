@@ -87,6 +87,7 @@ async def test_reload_beyond_loopback_serves_with_auth_on_the_address_it_checked
         assert answer.status_code == 401  # the reloaded app has authentication on
     finally:
         code, output = stop(process)
+    assert code == 0, output
     assert "authentication on" in output and "Traceback" not in output, output
 
 
