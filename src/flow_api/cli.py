@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import uvloop
 
@@ -29,8 +30,16 @@ def _port(text: str) -> int:
     return port
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (and exit code 2, as argparse does): the line says what is
+    wrong and where the help is, without the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flow-api", description=__doc__)
+    parser = _Parser(prog="flow-api", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="embedded Valkey + API + worker, for one machine")
     up.add_argument("--data-dir", type=Path, default=Path(".flow-data"))
