@@ -136,6 +136,8 @@ def _serve_reloading(settings: Settings, sock: socket.socket) -> None:
     the environment the children read: they build the very settings this process checked."""
     import uvicorn
 
+    from flow_api.api.http_protocol import JsonErrorsHttpToolsProtocol
+
     os.environ["FLOW_API_HOST"] = settings.api.host
     os.environ["FLOW_API_PORT"] = str(settings.api.port)
     uvicorn.run(
@@ -143,6 +145,7 @@ def _serve_reloading(settings: Settings, sock: socket.socket) -> None:
         factory=True,
         reload=True,
         fd=sock.fileno(),
+        http=JsonErrorsHttpToolsProtocol,
         log_config=None,  # keep the app's format (set in `app_from_env`)
         log_level=settings.log_level.lower(),
     )

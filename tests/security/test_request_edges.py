@@ -209,3 +209,30 @@ async def test_owner_check_holds_for_every_read(caller: KeyMaker) -> None:
     for path in ("status", "result", "jobs"):
         assert (await globex.get(f"/api/ai/{path}/{job_id}")).status_code == 404
         assert (await acme.get(f"/api/ai/{path}/{job_id}")).status_code in (200, 202)
+
+
+# --- what uvicorn answers itself ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        "GARBAGE\n\n",
+        "GET /healthz HTTP/1.1\nHost: 127.0.0.1\nBad Header Name: x\n\n",
+        "GET /healthz HTTP/1.1\nHost: 127.0.0.1\nContent-Length: nope\n\n",
+    ],
+    ids=["request line", "header name", "content-length"],
+)
+async def test_a_request_that_is_not_http_gets_a_json_400(api: Api, request_head: str) -> None:
+    raw, _ = await raw_request(api.settings.api.port, request_head, b"", 5)
+    status, body = status_and_body(raw)
+    assert status == 400
+    assert body == {
+        "error": {
+            "code": "malformed_request",
+            "message": "the request line or headers are not valid HTTP/1.1",
+        }
+    }
+    head = raw.partition(b"\r\n\r\n")[0].lower()
+    assert b"content-type: application/json" in head and b"x-content-type-options: nosniff" in head
+    assert not raw.endswith(b"<still open>")  # and the connection is closed
