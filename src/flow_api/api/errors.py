@@ -67,10 +67,12 @@ def _explain(err: dict[str, Any]) -> tuple[str, str]:
 async def _validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
-    if errors and _field(tuple(errors[0].get("loc", ()))) == "body" and not _json(request):
-        # FastAPI parses JSON only when the Content-Type says JSON, and then the body is not an
-        # object. Accepting JSON sent as text/plain would let any web page submit jobs to a
-        # loopback API without a CORS preflight (text/plain is a "simple" request).
+    first = errors[0] if errors else {}
+    body_sent = first.get("type") != "missing"
+    if body_sent and _field(tuple(first.get("loc", ()))) == "body" and not _json(request):
+        # FastAPI parses JSON only when the Content-Type says JSON; otherwise a body sent is
+        # seen as bytes, "not an object". Accepting JSON sent as text/plain would let any web
+        # page submit jobs to a loopback API without a CORS preflight (a "simple" request).
         return error_response(
             415,
             "unsupported_media_type",

@@ -45,7 +45,9 @@ def check_limits(body: GenerateRequest, limits: ApiSettings, worker: WorkerSetti
     status_code=202,
     response_model=JobAccepted,
     response_model_exclude_none=True,
-    responses=errors(400, 401, 403, 409, 413, 422, 429, 503, s409="`idempotency_key_reused`"),
+    responses=errors(
+        400, 401, 403, 408, 409, 413, 415, 422, 429, 503, s409="`idempotency_key_reused`"
+    ),
     summary="Submit a prompt; answers with a job id as soon as the job is durably queued",
 )
 async def submit(
