@@ -13,7 +13,7 @@ REDACTED = "[redacted]"
 
 _CREDENTIALS = re.compile(
     r"\b(?:sk|rk|pk)-[A-Za-z0-9_*.\-]{6,}"  # OpenAI and Anthropic (sk-ant-...) keys, masked too
-    r"|\bflow_[A-Za-z0-9_\-]{20,}"  # our own API keys
+    r"|(?-i:\bflow_)[A-Za-z0-9_\-]{20,}"  # our own API keys (not FLOW_ setting names)
     r"|\bBearer\s+[A-Za-z0-9._~+/=*\-]+",  # an Authorization header value
     re.IGNORECASE,
 )

@@ -185,6 +185,11 @@ def test_provider_errors_that_quote_a_key_are_scrubbed() -> None:
     assert redact_secrets("Authorization: Bearer flow_abc.def") == "Authorization: [redacted]"
     assert redact_secrets(f"key {PROVIDER_KEY}!") == "key [redacted]!"
     assert redact_secrets("job 3f0c9a1b and sk-") == "job 3f0c9a1b and sk-"
+    for harmless in ("waited 3 times (FLOW_BUDGET_MAX_DEFERRALS)", "max_tokens: 5", "tokens=9"):
+        assert redact_secrets(harmless) == harmless  # setting names and counts stay readable
+    assert redact_secrets("http://u:pw@h/x?api-key=k&n=1") == (
+        "http://u:[redacted]@h/x?api-key=[redacted]&n=1"
+    )
 
 
 GATEWAY_PASSWORD = f"gw-pass-{uuid.uuid4().hex}"
