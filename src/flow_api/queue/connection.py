@@ -17,10 +17,11 @@ REDIS_DOWN: tuple[type[BaseException], ...] = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
     redis_errors.BusyLoadingError,
+    redis_errors.ReadOnlyError,  # a replica, for a failover's few seconds
     ConnectionError,
     OSError,
 )
-"""What a lost, restarting or unreachable Redis raises."""
+"""What a lost, restarting, failing-over or unreachable Redis raises."""
 
 RedisOutOfMemory = redis_errors.OutOfMemoryError
 """What a Redis at its `maxmemory` (policy `noeviction`) answers to a write."""
