@@ -91,10 +91,8 @@ class WorkerSettings(BaseSettings):
     stalled_interval_ms: int = Field(30_000, ge=1000, description="stalled-job check period")
     max_stalled: int = Field(3, ge=1, description="crash recoveries before a job fails")
     shutdown_grace_s: float = Field(30.0, ge=0, description="in-flight jobs get this long")
-    keep_prompt_chars: int | None = Field(
-        1024,
-        ge=1,
-        description="a completed job keeps this much of its prompt in Redis; None = all of it",
+    keep_prompt_chars: int = Field(
+        1024, ge=0, description="a completed job keeps this much of its prompt in Redis; 0 = all"
     )
 
 

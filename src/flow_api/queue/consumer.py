@@ -198,7 +198,7 @@ class QueueConsumer:
     def _trim_once_completed(self, job: Job) -> None:
         """Have the finish cut a long prompt from the job's stored data (`JobData.trimmed`)."""
         keep = self.settings.keep_prompt_chars
-        if keep is None:
+        if not keep:
             return
         try:
             data = JobData.parse(job.data)
