@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -106,6 +108,9 @@ async def test_a_flood_is_refused_with_queue_full_then_drains_and_admission_reop
     ids = [answer.json()["jobId"] for answer in accepted]
     for job_id in ids:
         assert (await api.wait(job_id, timeout_s=30))["status"] == "completed"
+    stored = orjson.loads(await redis.hget(f"bull:{settings.redis.queue_name}:{ids[0]}", "data"))
+    assert len(stored["request"]["prompt"]) == 1024
+    assert stored["trimmedChars"] == len(PROMPT)
 
     # Completed jobs no longer hold their prompts: the room comes back without anyone's help.
     deadline = time.monotonic() + 10
@@ -113,7 +118,11 @@ async def test_a_flood_is_refused_with_queue_full_then_drains_and_admission_reop
         assert time.monotonic() < deadline, (await api.get("/readyz")).text
         await asyncio.sleep(0.2)
     assert await api.submit(PROMPT, **SHORT_ANSWER)
-    print(f"\nflood of 600: {len(accepted)} accepted and completed, {len(refused)} refused (503)")
+    reasons = Counter(a.json()["error"]["reason"] for a in refused)
+    print(
+        f"\nflood of 600 20 KB prompts into {ROOM_BYTES // 1_048_576} MB: {len(accepted)} accepted "
+        f"and completed, {len(refused)} refused with 503 queue_full {dict(reasons)}, 0 resets"
+    )
 
 
 def _worker_lines(records: list[logging.LogRecord], since: float) -> list[str]:
