@@ -125,6 +125,35 @@ async def test_a_flood_is_refused_with_queue_full_then_drains_and_admission_reop
     )
 
 
+@pytest.mark.timeout(60)
+async def test_writes_redis_refuses_for_memory_are_503_queue_full_never_500(
+    full_valkey: EmbeddedValkey, redis: Redis
+) -> None:
+    # Admission control off (watermark at the limit, nothing reserved): Redis itself refuses,
+    # in the enqueue script and in the idempotency claim, and every refusal is still a 503.
+    settings = make_settings(full_valkey.url)
+    settings.admission.watermark = 1.0
+    settings.admission.drain_bytes_per_job = 0
+    async with serving(settings) as api:
+        answers = await flood(api, submits=400)
+        keyed = [
+            await api.post(
+                "/api/ai/generate",
+                {"prompt": PROMPT, "options": SHORT_ANSWER},
+                headers={"Idempotency-Key": f"key-{n}"},
+            )
+            for n in range(5)
+        ]
+    assert answers["other"] == [], [(a.status_code, a.text[:200]) for a in answers["other"]]
+    refused = answers["refused"] + [a for a in keyed if a.status_code == 503]
+    assert answers["refused"] and len(refused) > len(answers["refused"])
+    for answer in refused:
+        error = answer.json()["error"]
+        assert (error["code"], error["reason"]) == ("queue_full", "redis_out_of_memory"), error
+        assert int(answer.headers["Retry-After"]) >= 1
+    assert all(a.status_code in (202, 503) for a in keyed), [a.text for a in keyed]
+
+
 def _worker_lines(records: list[logging.LogRecord], since: float) -> list[str]:
     return [
         r.getMessage()
