@@ -146,11 +146,17 @@ async def test_writes_redis_refuses_for_memory_are_503_queue_full_never_500(
         ]
     assert answers["other"] == [], [(a.status_code, a.text[:200]) for a in answers["other"]]
     refused = answers["refused"] + [a for a in keyed if a.status_code == 503]
-    assert answers["refused"] and len(refused) > len(answers["refused"])
+    assert answers["refused"] and len(refused) == len(answers["refused"]) + len(keyed)
+    reasons: Counter[str] = Counter()
     for answer in refused:
         error = answer.json()["error"]
-        assert (error["code"], error["reason"]) == ("queue_full", "redis_out_of_memory"), error
+        assert error["code"] == "queue_full", error
+        reasons[error["reason"]] += 1
         assert int(answer.headers["Retry-After"]) >= 1
+    # Admission still closes once Redis is past its limit (it lets used_memory overshoot a
+    # little); most refusals are Redis's own.
+    assert set(reasons) <= {"redis_out_of_memory", "redis_memory"}, reasons
+    assert reasons["redis_out_of_memory"] > 0, reasons
     assert all(a.status_code in (202, 503) for a in keyed), [a.text for a in keyed]
 
 

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from flow_api.api.security import API_HEADERS
-from flow_api.errors import FlowError
+from flow_api.errors import FlowError, QueueFull
 from flow_api.models import ErrorBody, ErrorPayload
 from flow_api.queue.connection import RedisOutOfMemory, out_of_memory
 
@@ -81,7 +81,9 @@ async def _validation(_: Request, exc: Exception) -> JSONResponse:
 
 async def _flow(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, FlowError)
-    if exc.status >= 500:
+    if isinstance(exc, QueueFull):  # admission logs when it closes and reopens, with counts
+        log.debug("%s: %s", exc.code, exc.message)
+    elif exc.status >= 500:
         log.warning("%s: %s", exc.code, exc.message)
     headers = {"Retry-After": "1"} if exc.status == 503 else {}
     headers.update(exc.headers())  # Retry-After of a 429, WWW-Authenticate of a 401
