@@ -160,6 +160,30 @@ async def test_writes_redis_refuses_for_memory_are_503_queue_full_never_500(
     assert all(a.status_code in (202, 503) for a in keyed), [a.text for a in keyed]
 
 
+@pytest.mark.timeout(60)
+async def test_without_maxmemory_a_byte_budget_closes_admission_from_a_shared_reading(
+    full_valkey: EmbeddedValkey, redis: Redis
+) -> None:
+    await redis.config_set("maxmemory", 0)
+    used = int((await redis.info("memory"))["used_memory"])
+    settings = make_settings(full_valkey.url)
+    settings.admission.memory_budget_bytes = used + 2 * 1_048_576
+    async with serving(settings) as api:
+        await api.submit("warm-up: bullmq reads the server's version (an INFO) once")
+        before = (await redis.info("commandstats"))["cmdstat_info"]["calls"]
+        started = time.monotonic()
+        answers = await flood(api, submits=300)
+        took = time.monotonic() - started
+        readings = (await redis.info("commandstats"))["cmdstat_info"]["calls"] - before - 1
+    assert answers["other"] == [] and answers["accepted"] and answers["refused"]
+    for answer in answers["refused"]:
+        error = answer.json()["error"]
+        assert (error["code"], error["reason"]) == ("queue_full", "redis_memory"), error
+        assert "memory budget" in error["message"]
+    # One INFO per refresh period (0.5 s), not one per submit.
+    assert readings <= took / settings.admission.refresh_s + 3, (readings, took)
+
+
 def _worker_lines(records: list[logging.LogRecord], since: float) -> list[str]:
     return [
         r.getMessage()
