@@ -121,15 +121,13 @@ class Admission:
         if self._room is not None and time.monotonic() - self._read_at < self.settings.refresh_s:
             return self._room
         if self._reading is None or self._reading.done():  # one refresh, shared by all waiting
-            self._reading = asyncio.ensure_future(
-                read_room(self.queue.redis, self.queue, self.settings)
-            )
-        reading = self._reading
-        try:
-            room = await asyncio.shield(reading)
-        finally:
-            if self._reading is reading and reading.done():
-                self._reading = None
+            self._reading = asyncio.ensure_future(self._refresh())
+        return await asyncio.shield(self._reading)
+
+    async def _refresh(self) -> QueueRoom:
+        # The reading is stored as it completes, before any waiter resumes: a request arriving
+        # in between finds it fresh instead of starting another.
+        room = await read_room(self.queue.redis, self.queue, self.settings)
         self._room, self._read_at = room, time.monotonic()
         return room
 
