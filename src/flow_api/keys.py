@@ -27,6 +27,8 @@ BullMQ owns `<prefix>:<queue>:*`. Flow API adds:
 - `flow:<queue>:budget:{<provider>/<model>}:probe` (string): the one call that may go while
   nothing is known of a model; TTL two seconds. The hash tag keeps a model's keys in one Redis
   Cluster slot, as its Lua scripts need.
+- `flow:<queue>:admission:refused` (hash): tenant -> submits refused with `queue_full` (see
+  `queue/admission.py`); one field per tenant, kept for the metrics to export.
 """
 
 from __future__ import annotations
@@ -80,3 +82,7 @@ def budget_known_key(queue_name: str, provider: str, model: str) -> str:
 
 def budget_probe_key(queue_name: str, provider: str, model: str) -> str:
     return f"{budget_key(queue_name, provider, model)}:probe"
+
+
+def admission_refusals_key(queue_name: str) -> str:
+    return f"flow:{queue_name}:admission:refused"
