@@ -8,7 +8,7 @@ stay flat (`FLOW_REDIS_URL`, `FLOW_WORKER_CONCURRENCY`) while the object is nest
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -91,6 +91,13 @@ class WorkerSettings(BaseSettings):
     stalled_interval_ms: int = Field(30_000, ge=1000, description="stalled-job check period")
     max_stalled: int = Field(3, ge=1, description="crash recoveries before a job fails")
     shutdown_grace_s: float = Field(30.0, ge=0, description="in-flight jobs get this long")
+    fair_share: bool = Field(
+        True, description="take tenants' jobs in weighted round-robin (false: one FIFO line)"
+    )
+    tenant_weights: dict[str, Annotated[float, Field(gt=0, le=1000)]] = Field(
+        default_factory=dict,
+        description='share of the workers per tenant, e.g. {"batch": 0.25}; others 1',
+    )
 
 
 class OpenAISettings(BaseSettings):
