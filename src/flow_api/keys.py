@@ -30,10 +30,10 @@ BullMQ owns `<prefix>:<queue>:*`. Flow API adds:
 - `flow:<queue>:budget:{<provider>/<model>}:wake:<tenant>` (string): when the tenant's next job
   told to come back for that model's budget comes back (each tenant has its own line of
   come-back times, so one tenant's backlog does not push another's back); TTL like the budget.
-- `<prefix>:<queue>:fair:ring` (sorted set: tenant -> virtual time), `<prefix>:<queue>:fair:t:<tenant>`
-  (sorted set: the tenant's held job ids), `<prefix>:<queue>:fair:stride` (hash: tenant -> 1 /
-  weight), `<prefix>:<queue>:fair:vtime` and `<prefix>:<queue>:fair:seq` (strings): fair share
-  between tenants (`queue/fair_share.py`). Under BullMQ's prefix so they share the queue's Cluster
+- `<prefix>:<queue>:fair:ring` (sorted set: tenant -> virtual time),
+  `<prefix>:<queue>:fair:t:<tenant>` (sorted set: the tenant's held job ids),
+  `<prefix>:<queue>:fair:stride` (hash: tenant -> 1 / weight), `<prefix>:<queue>:fair:vtime` and
+  `<prefix>:<queue>:fair:seq` (strings): fair share between tenants (`queue/fair_share.py`). Under BullMQ's prefix so they share the queue's Cluster
   slot; owned by the queue (a line empties as its jobs are taken; `obliterate` removes them all).
 """
 

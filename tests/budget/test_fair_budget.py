@@ -4,6 +4,8 @@ behind it: each tenant has its own line of come-back times. Real Valkey, a real 
 from __future__ import annotations
 
 import asyncio
+import itertools
+from collections.abc import Awaitable, Callable
 
 from flow_api.embedded import EmbeddedValkey
 from flow_api.jobs import JobData
@@ -13,6 +15,15 @@ from flow_api.queue.producer import JobQueue
 from flow_api.settings import BudgetLimit
 from tests.budget.conftest import budget_settings
 from tests.support import WorkerFactory
+
+
+async def until(read: Callable[[], Awaitable[int]], value: int, timeout_s: float) -> None:
+    """Poll `read()` until it returns `value`."""
+    async with asyncio.timeout(timeout_s):
+        for _ in itertools.count():
+            if await read() == value:
+                return
+            await asyncio.sleep(0.05)
 
 
 def job(tenant: str, i: int) -> JobData:
@@ -33,13 +44,9 @@ async def test_a_backlog_waiting_for_budget_does_not_starve_another_tenant(
         await queue.enqueue_many([job("a", i) for i in range(150)])
         await start_worker(settings)
         line = f"{settings.redis.prefix}:{settings.redis.queue_name}:fair:t:a"
-        async with asyncio.timeout(30):  # until every job of A's was taken once
-            while await redis.exists(line):
-                await asyncio.sleep(0.05)
+        await until(lambda: redis.exists(line), 0, 30)  # every job of A's was taken once
         b_ids = await queue.enqueue_many([job("b", i) for i in range(3)])
-        async with asyncio.timeout(60):
-            while await redis.zcard(completed) < 153:
-                await asyncio.sleep(0.1)
+        await until(lambda: redis.zcard(completed), 153, 60)
         order = await redis.zrange(completed, 0, -1)
     finally:
         await redis.aclose()
