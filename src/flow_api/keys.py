@@ -33,7 +33,8 @@ BullMQ owns `<prefix>:<queue>:*`. Flow API adds:
 - `<prefix>:<queue>:fair:ring` (sorted set: tenant -> virtual time),
   `<prefix>:<queue>:fair:t:<tenant>` (sorted set: the tenant's held job ids),
   `<prefix>:<queue>:fair:stride` (hash: tenant -> 1 / weight), `<prefix>:<queue>:fair:vtime` and
-  `<prefix>:<queue>:fair:seq` (strings): fair share between tenants (`queue/fair_share.py`).
+  `<prefix>:<queue>:fair:seq` (strings), `<prefix>:<queue>:fair:waiting` (list, one entry per
+  held job: a length for autoscalers): fair share between tenants (`queue/fair_share.py`).
   Under BullMQ's prefix so they share the queue's Cluster slot; owned by the queue (a line
   empties as its jobs are taken; `obliterate` removes them all).
 """

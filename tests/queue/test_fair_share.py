@@ -103,6 +103,9 @@ async def test_weights_set_the_share_of_takes(settings: Settings, redis: Redis) 
     taken = await run_until(settings, 200)
     heavy = sum(1 for tenant, _ in taken[:200] if tenant == "heavy")
     assert 148 <= heavy <= 152, heavy  # 3 : 1 over any window, within one round
+    # the autoscalers' gauge: one entry per job still held
+    gauge = f"{settings.redis.prefix}:{settings.redis.queue_name}:fair:waiting"
+    assert await redis.llen(gauge) == 800 - len(taken)
 
 
 async def test_priorities_hold_within_a_tenant(settings: Settings, redis: Redis) -> None:

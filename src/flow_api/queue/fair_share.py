@@ -21,6 +21,9 @@ engine. This module does that on the open-source scripts:
   time (stride scheduling): the tenant served advances by `1 / weight`; a tenant that joins the
   ring starts at the virtual time of the last job released, so it is next, not owed a backlog.
   A take costs O(log tenants): no tenant line is polled.
+- `<prefix>:<queue>:fair:waiting` is a list with one entry per held job, nothing else: its
+  length is the number of held jobs, for autoscalers that read a list's length (KEDA's Redis
+  scaler reads BullMQ's `wait` list, nearly empty now that jobs wait in tenant lines).
 
 The job is a BullMQ job all along: its hash is bullmq's, under the queue's prefix, so status,
 result and cancel find it by id alone, and Node tooling reads it with `Job.fromId`. While held
@@ -41,7 +44,7 @@ PRIORITY_SPAN = 4_294_967_296
 """BullMQ scores a prioritized job `priority * 2**32 + counter`; tenant lines do the same, with
 priority 0 (none) first as BullMQ takes `wait` before `prioritized`."""
 
-# KEYS: wait, prioritized, ring, the tenant's line, strides, virtual time, sequence.
+# KEYS: wait, prioritized, ring, the tenant's line, strides, virtual time, sequence, gauge.
 # ARGV: tenant, stride, then (job id, priority) pairs. Returns how many jobs were held.
 _HOLD = """
 local held = 0
@@ -56,6 +59,7 @@ for i = 3, #ARGV, 2 do
   if removed == 1 then
     local seq = redis.call("INCR", KEYS[7]) % 4294967296
     redis.call("ZADD", KEYS[4], priority * 4294967296 + seq, id)
+    redis.call("RPUSH", KEYS[8], "1")
     held = held + 1
   end
 end
@@ -80,6 +84,7 @@ local function flowReleaseFair(waitKey, prioritizedKey)
     local tenant, tag = head[1], tonumber(head[2])
     local lineKey = base .. "fair:t:" .. tenant
     local popped = redis.call("ZPOPMIN", lineKey)
+    if #popped > 0 then redis.call("LPOP", base .. "fair:waiting") end
     if redis.call("EXISTS", lineKey) == 0 then
       redis.call("ZREM", ringKey, tenant)
     else
@@ -148,6 +153,7 @@ class FairShare:
                 f"{key}fair:stride",
                 f"{key}fair:vtime",
                 f"{key}fair:seq",
+                f"{key}fair:waiting",
             ],
             args=args,
         )
