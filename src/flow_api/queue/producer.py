@@ -12,6 +12,7 @@ from typing import Any
 
 from bullmq import Queue
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from flow_api.errors import JobNotFound
 from flow_api.jobs import JobData, now_ms
@@ -21,6 +22,8 @@ from flow_api.queue.fair_share import FairShare
 from flow_api.settings import RedisSettings, WorkerSettings
 
 log = logging.getLogger(__name__)
+
+_HOLD_FAILURES: tuple[type[BaseException], ...] = (RedisError, *REDIS_DOWN)
 
 JOB_NAME = "generate"
 BACKOFF_TYPE = "flow-jitter"
@@ -120,7 +123,7 @@ class JobQueue:
             return
         try:
             await self.fair_share.hold(tenant, jobs)
-        except REDIS_DOWN as exc:
+        except _HOLD_FAILURES as exc:
             log.warning(
                 "job %s queued without its tenant's line (%s)", jobs[0][0], type(exc).__name__
             )
@@ -153,6 +156,9 @@ class JobQueue:
 
     async def resume(self) -> None:
         await self.bull.resume()
+        # bullmq's resume wakes idle workers only when `wait` holds jobs; held jobs are in
+        # tenant lines, so set BullMQ's "jobs ready" marker for them too.
+        await self.redis.zadd(self.bull.toKey("marker"), {"0": 0})
 
     async def ping(self) -> None:
         with redis_errors_as_unavailable():
