@@ -12,10 +12,12 @@ Printed: B's start delay (from its submit to the start of its first attempt) p50
 A's throughput (its jobs completed per second, from its first submit to its last completion),
 fair beside fifo. Both rounds run on the same workers and queue after an untimed warm-up
 (`--warm-up` jobs): the workers are the same either way, only the producer decides whether
-jobs wait in tenant lines.
+jobs wait in tenant lines. Then what one take costs (BullMQ's take script with the fair
+release, one client, `--take-jobs` takes) with one tenant and with `--tenants` tenants waiting,
+beside fifo.
 
     python benchmarks/fairness.py [--backlog 20000] [--small 20] [--workers 2]
-        [--concurrency 200] [--latency 0.2]
+        [--concurrency 200] [--latency 0.2] [--tenants 5000] [--take-jobs 10000]
 
 Prints a table; asserts nothing.
 """
@@ -38,6 +40,7 @@ from redis.asyncio import Redis
 from flow_api.jobs import JobData
 from flow_api.models import GenerateRequest
 from flow_api.queue.producer import JobQueue
+from flow_api.queue.slot_worker import SlotWorker
 from flow_api.settings import RedisSettings, WorkerSettings
 
 PREFIX = "bull"
@@ -149,6 +152,29 @@ async def compare(valkey_url: str, sim_url: str, args: argparse.Namespace) -> li
     return rows
 
 
+async def take_cost(valkey_url: str, tenants: int, fair: bool, jobs: int) -> float:
+    """Takes per second of BullMQ's take script (with the fair release) from one client, with
+    `jobs` jobs spread over `tenants` tenants: what a take costs as tenants grow."""
+    settings = RedisSettings(url=valkey_url, queue_name=f"take-{uuid.uuid4().hex[:6]}")
+    redis = Redis.from_url(valkey_url)
+    queue = JobQueue(redis, settings, WorkerSettings(fair_share=fair))
+    worker = SlotWorker(settings.queue_name, _never_run, {"connection": valkey_url})
+    try:
+        await queue.enqueue_many([job(f"t{i % tenants}", i) for i in range(jobs)])
+        started = time.perf_counter()
+        for n in range(jobs):
+            assert await worker.getNextJob(f"bench:{n}") is not None
+        return jobs / (time.perf_counter() - started)
+    finally:
+        await worker.close()
+        await queue.close()
+        await redis.aclose()
+
+
+async def _never_run(job: object, token: str) -> None:
+    raise AssertionError("this worker only takes")
+
+
 def percentile(values: list[float], share: float) -> float:
     if len(values) == 1:
         return values[0]
@@ -163,10 +189,20 @@ async def main(args: argparse.Namespace) -> None:
     )
     with valkey_server() as valkey, simulator("--latency", str(args.latency)) as sim:
         rows = await compare(valkey.url, sim.url, args)
+        costs = [
+            (label, await take_cost(valkey.url, tenants, fair, args.take_jobs))
+            for label, tenants, fair in (
+                ("fifo (baseline)", 1, False),
+                ("fair share, 1 tenant", 1, True),
+                (f"fair share, {args.tenants} tenants", args.tenants, True),
+            )
+        ]
     print()
     print(table(HEADER, rows))
     fifo, fair = (float(row[4]) for row in rows)
     print(f"\nA's throughput, fair share vs fifo: {100 * (fair / fifo - 1):+.1f}%")
+    print(f"\nTake cost: {args.take_jobs} takes by one client, one round trip each:")
+    print(table(["queue", "takes/s"], [[label, f"{rate:.0f}"] for label, rate in costs]))
 
 
 HEADER = [
@@ -190,6 +226,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=200, help="slots per worker")
     parser.add_argument("--latency", type=float, default=0.2, help="simulated call, seconds")
     parser.add_argument("--warm-up", type=int, default=1000, help="untimed jobs first")
+    parser.add_argument("--tenants", type=int, default=5000, help="tenants in the take-cost run")
+    parser.add_argument("--take-jobs", type=int, default=10_000, help="takes timed per case")
     return parser.parse_args(argv)
 
 
