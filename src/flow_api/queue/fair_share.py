@@ -3,10 +3,12 @@ workers take from the lines in weighted round-robin, inside BullMQ's own take.
 
 Why not one BullMQ queue per tenant: a bullmq `Worker` serves one queue (its lock renewal,
 stalled-job check and job objects are all bound to it), so thousands of tenant queues would
-need thousands of workers, or a port of those parts. BullMQ Pro's groups, which do what we need,
-keep one queue and hold each group's waiting jobs in a list of its own, rotated by the take
-script; Hatchet's GROUP_ROUND_ROBIN does the same with one queue per group key inside its own
-engine. This module does that on the open-source scripts:
+need thousands of workers, or a port of those parts. Celery has no fair share of its own (the
+usual answer, a queue per tenant class that workers consume in turn, has the same limit).
+BullMQ Pro's groups keep one queue and pick the next group's job with a `ZPOPMIN` inside the
+take script (O(log groups), its maintainers say); Hatchet's GROUP_ROUND_ROBIN rotates runs
+between concurrency keys (A, B, C, A, B, C...) inside its engine. This module does the same on
+bullmq's open-source scripts:
 
 - `hold` (API side, just after bullmq's `add`): moves the new job from BullMQ's `wait` list (or
   `prioritized` set) into its tenant's line, `<prefix>:<queue>:fair:t:<tenant>`, a sorted set
