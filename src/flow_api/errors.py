@@ -174,7 +174,12 @@ class ProviderError(FlowError):
     status = 502
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
+        # Scrubbed here, once for every path: the text often quotes the provider's answer or an
+        # SDK exception (a key it refused, a gateway's URL with its password), and it is stored
+        # on the job, shown to its submitter and logged.
+        from flow_api.redaction import redact_secrets  # a leaf module; keeps this one import-free
+
+        super().__init__(redact_secrets(message))
         self.retry_after = retry_after
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from flow_api.api.app import create_app
+from flow_api.api.http_protocol import JsonErrorsHttpToolsProtocol
 from flow_api.data_folder import DataFolder
 from flow_api.embedded import EmbeddedValkey
 from flow_api.providers import Provider, ProviderRegistry, build_registry
@@ -91,7 +92,7 @@ def api_server(settings: Settings, registry: ProviderRegistry | None = None) -> 
         host=settings.api.host,
         port=settings.api.port,
         loop="uvloop",
-        http="httptools",
+        http=JsonErrorsHttpToolsProtocol,  # httptools, with uvicorn's own 400 as JSON
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,

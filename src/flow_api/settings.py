@@ -66,6 +66,9 @@ class ApiSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(3000, ge=0, le=65535)
     max_body_bytes: int = Field(1_048_576, gt=0, description="larger bodies get 413")
+    body_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="a body not fully received in this time gets 408"
+    )
     max_prompt_chars: int = Field(100_000, gt=0, description="longer prompts get 422")
     max_metadata_bytes: int = Field(4096, gt=0, description="size cap on options.metadata")
     idempotency_ttl_s: int = Field(86_400, ge=1, description="how long an Idempotency-Key holds")
@@ -83,6 +86,12 @@ class WorkerSettings(BaseSettings):
 
     concurrency: int = Field(100, ge=1, le=10_000, description="jobs in flight per process")
     job_timeout_s: float = Field(120.0, gt=0, description="per-attempt limit unless timeoutMs")
+    max_job_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        le=86_400,
+        description="the largest timeoutMs a request may ask for (larger: 422 at submit)",
+    )
     attempts: int = Field(5, ge=1, le=50, description="tries per job, the first included")
     backoff_base_ms: int = Field(1000, ge=0, description="first retry delay before jitter")
     backoff_max_ms: int = Field(60_000, ge=0, description="cap on one retry delay")

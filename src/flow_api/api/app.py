@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from flow_api.api.auth import AuthenticateFirst
 from flow_api.api.errors import install_error_handlers
 from flow_api.api.limits import BodySizeLimit
 from flow_api.api.routes import generate, health, jobs
@@ -50,7 +51,12 @@ def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> 
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.api.max_body_bytes,
+        timeout_s=settings.api.body_timeout_s,
+    )
+    app.add_middleware(AuthenticateFirst)  # outside the body limit: a 401 reads no body
     install_security(app, settings.auth, allowed_hosts(settings))
     for module in (generate, jobs, health):
         app.include_router(module.router)

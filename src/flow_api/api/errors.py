@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +23,7 @@ _HTTP_CODES = {
     400: ("invalid_json", "the body could not be read as UTF-8 JSON"),
     404: ("not_found", "no such endpoint"),
     405: ("method_not_allowed", "this endpoint does not accept that method"),
+    408: ("request_timeout", "the request body did not arrive in time"),
     413: ("payload_too_large", "the request body is too large"),
 }
 
@@ -62,9 +64,21 @@ def _explain(err: dict[str, Any]) -> tuple[str, str]:
     return "invalid_value", f"{field}: {err.get('msg', 'invalid value')}"
 
 
-async def _validation(_: Request, exc: Exception) -> JSONResponse:
+async def _validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
+    first = errors[0] if errors else {}
+    body_sent = first.get("type") != "missing"
+    if body_sent and _field(tuple(first.get("loc", ()))) == "body" and not _json(request):
+        # FastAPI parses JSON only when the Content-Type says JSON; otherwise a body sent is
+        # seen as bytes, "not an object". Accepting JSON sent as text/plain would let any web
+        # page submit jobs to a loopback API without a CORS preflight (a "simple" request).
+        return error_response(
+            415,
+            "unsupported_media_type",
+            "send the body as JSON with `Content-Type: application/json` (this request's "
+            f"Content-Type: {request.headers.get('content-type', 'none')[:100]!r})",
+        )
     code, message = _explain(errors[0]) if errors else ("invalid_request", "invalid request")
     status = 400 if code in ("invalid_json",) else 422
     details = [
@@ -80,15 +94,21 @@ async def _validation(_: Request, exc: Exception) -> JSONResponse:
 
 async def _flow(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, FlowError)
+    return flow_error_response(exc)
+
+
+def flow_error_response(exc: FlowError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """The answer for a domain error, with the headers it carries (and any in `headers`)."""
     if exc.status >= 500:
         log.warning("%s: %s", exc.code, exc.message)
-    headers = {"Retry-After": "1"} if exc.status == 503 else {}
-    headers.update(exc.headers())  # Retry-After of a 429, WWW-Authenticate of a 401
+    sent = {"Retry-After": "1"} if exc.status == 503 else {}
+    sent.update(exc.headers())  # Retry-After of a 429, WWW-Authenticate of a 401
+    sent.update(headers or {})
     return error_response(
         exc.status,
         exc.code,
         exc.message,
-        headers=headers,
+        headers=sent,
         extra={"field": exc.field} if exc.field else None,
     )
 
@@ -96,10 +116,31 @@ async def _flow(_: Request, exc: Exception) -> JSONResponse:
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code, message = _HTTP_CODES.get(exc.status_code, ("http_error", str(exc.detail)))
+    if exc.status_code == 400 and _number_too_long(exc.__cause__):
+        message = (
+            "the body has a number too long to read: integers may have at most "
+            f"{sys.get_int_max_str_digits()} digits (and fields have far smaller limits)"
+        )
+    elif exc.status_code == 408:
+        message = str(exc.detail)
     headers = exc.headers
     if exc.status_code == 405:  # Starlette names only the first matching route's methods
         headers = {"Allow": ", ".join(_allowed_methods(request))}
     return error_response(exc.status_code, code, message, headers=headers)
+
+
+def _json(request: Request) -> bool:
+    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (
+        kind.startswith("application/") and kind.endswith("+json")
+    )
+
+
+def _number_too_long(cause: BaseException | None) -> bool:
+    # FastAPI turns every error of `json.loads` other than a syntax error into a bare 400 (the
+    # cause kept). Besides bytes that are not UTF-8, the one ValueError it raises on valid JSON
+    # is an integer past Python's digit limit (CVE-2020-10735's guard).
+    return isinstance(cause, ValueError) and not isinstance(cause, UnicodeDecodeError)
 
 
 def _allowed_methods(request: Request) -> list[str]:

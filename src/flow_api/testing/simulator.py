@@ -301,6 +301,10 @@ class Simulator:
 
     def _respond(self, status: int, body: bytes, headers: dict[str, str]) -> web.Response:
         self._count(status)
+        if status >= 400 and self.config.error_note:
+            answer = orjson.loads(body)
+            answer["error"]["message"] += f" {self.config.error_note}"
+            body = orjson.dumps(answer)
         return web.Response(status=status, body=body, headers=headers, content_type=_JSON)
 
     def _count(self, status: int) -> None:

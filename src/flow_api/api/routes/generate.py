@@ -14,12 +14,12 @@ from flow_api.errors import InvalidRequest
 from flow_api.jobs import JobData
 from flow_api.models import GenerateRequest, JobAccepted
 from flow_api.queue.producer import new_job_id
-from flow_api.settings import ApiSettings
+from flow_api.settings import ApiSettings, WorkerSettings
 
 router = APIRouter(prefix="/api/ai", tags=["jobs"])
 
 
-def check_limits(body: GenerateRequest, limits: ApiSettings) -> None:
+def check_limits(body: GenerateRequest, limits: ApiSettings, worker: WorkerSettings) -> None:
     if len(body.prompt) > limits.max_prompt_chars:
         raise InvalidRequest(
             f"prompt is {len(body.prompt)} characters; the limit is {limits.max_prompt_chars}",
@@ -31,6 +31,13 @@ def check_limits(body: GenerateRequest, limits: ApiSettings) -> None:
             f"options.metadata is over {limits.max_metadata_bytes} bytes of JSON",
             field="options.metadata",
         )
+    timeout_ms, most_ms = body.options.timeout_ms, round(worker.max_job_timeout_s * 1000)
+    if timeout_ms is not None and timeout_ms > most_ms:
+        raise InvalidRequest(
+            f"options.timeoutMs is {timeout_ms}; this service allows at most {most_ms} ms "
+            "(FLOW_WORKER_MAX_JOB_TIMEOUT_S)",
+            field="options.timeoutMs",
+        )
 
 
 @router.post(
@@ -38,7 +45,9 @@ def check_limits(body: GenerateRequest, limits: ApiSettings) -> None:
     status_code=202,
     response_model=JobAccepted,
     response_model_exclude_none=True,
-    responses=errors(400, 401, 403, 409, 413, 422, 429, 503, s409="`idempotency_key_reused`"),
+    responses=errors(
+        400, 401, 403, 408, 409, 413, 415, 422, 429, 503, s409="`idempotency_key_reused`"
+    ),
     summary="Submit a prompt; answers with a job id as soon as the job is durably queued",
 )
 async def submit(
@@ -54,7 +63,7 @@ async def submit(
 ) -> JobAccepted:
     """With an `Idempotency-Key`, the same key and body return the same job (and create no
     second one) for `FLOW_API_IDEMPOTENCY_TTL_S`; the same key with another body is a 409."""
-    check_limits(body, settings.api)
+    check_limits(body, settings.api, settings.worker)
     provider, model = registry.resolve(body.options)
     data = JobData.submitted(body, provider=provider.name, model=model, tenant=principal.tenant)
     job_id = new_job_id()
