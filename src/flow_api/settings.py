@@ -8,7 +8,7 @@ stay flat (`FLOW_REDIS_URL`, `FLOW_WORKER_CONCURRENCY`) while the object is nest
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -102,6 +102,13 @@ class WorkerSettings(BaseSettings):
     shutdown_grace_s: float = Field(30.0, ge=0, description="in-flight jobs get this long")
     keep_prompt_chars: int = Field(
         1024, ge=0, description="a completed job keeps this much of its prompt in Redis; 0 = all"
+    )
+    fair_share: bool = Field(
+        True, description="take tenants' jobs in weighted round-robin (false: one FIFO line)"
+    )
+    tenant_weights: dict[str, Annotated[float, Field(gt=0, le=1000)]] = Field(
+        default_factory=dict,
+        description='share of the workers per tenant, e.g. {"batch": 0.25}; others 1',
     )
 
 

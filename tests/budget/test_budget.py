@@ -14,6 +14,7 @@ from datetime import datetime
 from flow_api.budget import MINUTE_MS, RateBudget
 from flow_api.embedded import EmbeddedValkey
 from flow_api.errors import ProviderRateLimited
+from flow_api.jobs import JobData
 from flow_api.keys import budget_key
 from flow_api.models import GenerateOptions, GenerateRequest, Generation, Usage
 from flow_api.queue.connection import connect
@@ -125,6 +126,8 @@ async def test_a_job_waiting_for_budget_holds_no_slot(
 
 class StubJob:
     """The part of `JobHandle` the budget uses."""
+
+    data = JobData(request=GenerateRequest(prompt="stub"))  # its tenant's come-back line
 
     def __init__(self, job_id: str) -> None:
         self.id = job_id

@@ -762,8 +762,8 @@ def test_keda_scales_workers_on_the_bullmq_wait_list() -> None:
     prefix = config.get("FLOW_REDIS_PREFIX", defaults["prefix"])
     queue = config.get("FLOW_REDIS_QUEUE_NAME", defaults["queue_name"])
     lists = {t["metadata"]["listName"] for t in scaled["spec"]["triggers"] if t["type"] == "redis"}
-    assert f"{prefix}:{queue}:wait" in lists
-    assert lists <= {f"{prefix}:{queue}:wait", f"{prefix}:{queue}:active"}
+    assert {f"{prefix}:{queue}:wait", f"{prefix}:{queue}:fair:waiting"} <= lists
+    assert lists <= {f"{prefix}:{queue}:{name}" for name in ("wait", "fair:waiting", "active")}
     for trigger in scaled["spec"]["triggers"]:
         auth = one("TriggerAuthentication", trigger["authenticationRef"]["name"])
         for ref in auth["spec"]["secretTargetRef"]:

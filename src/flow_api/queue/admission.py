@@ -8,9 +8,10 @@ refused with 503 `queue_full` while
     used_memory + unfinished_jobs * FLOW_ADMISSION_DRAIN_BYTES_PER_JOB > watermark * limit
 
 where `limit` is Redis's `maxmemory` (or `FLOW_ADMISSION_MEMORY_BUDGET_BYTES` when it has none)
-and `unfinished_jobs` counts waiting, prioritized, delayed, paused and active jobs. What stays
-free at that point is each unfinished job's room to be taken and finished, plus `1 - watermark`
-of the limit for everything else (submits racing in other API processes, keys, fragmentation).
+and `unfinished_jobs` counts waiting (held in tenants' lines too), prioritized, delayed, paused
+and active jobs. What stays free at that point is each unfinished job's room to be taken and
+finished, plus `1 - watermark` of the limit for everything else (submits racing in other API
+processes, keys, fragmentation).
 `FLOW_ADMISSION_MAX_UNFINISHED_JOBS` caps the backlog by count as well (or instead).
 
 One reading (`INFO memory` and the queue's list lengths, one pipelined round trip) serves an API
@@ -37,7 +38,8 @@ from flow_api.settings import AdmissionSettings
 
 log = logging.getLogger(__name__)
 
-UNFINISHED_LISTS = ("wait", "paused", "active")
+UNFINISHED_LISTS = ("wait", "paused", "active", "fair:waiting")
+"""`fair:waiting` has one entry per job held in its tenant's line (`queue/fair_share.py`)."""
 UNFINISHED_SETS = ("prioritized", "delayed")
 
 

@@ -18,7 +18,8 @@ write), as much as the whole queue layer may spend on a job. Here:
   fans out to idle slots one round trip at a time without a thundering herd.
 
 What is unchanged, because it is bullmq's code: the Lua scripts (`moveToActive`,
-`moveToFinished`, `moveToDelayed`, `retryJob`: Node BullMQ clients, bull-board and Taskforce see
+`moveToFinished` — each with the fair-share release of `fair_share` run before its take —,
+`moveToDelayed`, `retryJob`: Node BullMQ clients, bull-board and Taskforce see
 the same states and events), lock renewal (`LockManager`), the stalled-job check, retries and
 backoff (`Job.moveToFailed`), `DelayedError`, `close()` waiting for in-flight jobs and
 `cancelProcessing()` for forced shutdown. Not supported here: `pause()`/`resume()` of a single
@@ -48,6 +49,7 @@ from redis.exceptions import NoScriptError
 
 from flow_api.queue.backoff import RedisBackoff
 from flow_api.queue.connection import REDIS_TROUBLE
+from flow_api.queue.fair_share import with_release
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -103,6 +105,12 @@ class SlotWorker(Worker):  # type: ignore[misc]  # bullmq ships no type informat
         self.backoff = RedisBackoff()
         """Shared by the slots while Redis refuses takes and finishes (out of memory, down)."""
         self._trim = self.client.register_script(_TRIM_COMPLETED)
+        # Every take releases the next fair-share job first (see `fair_share`): swap bullmq's
+        # two take scripts for the same text with that release before their pop of `wait`.
+        commands = self.scripts.commands
+        for name in ("moveToActive", "moveToFinished"):
+            text = with_release(name, commands[name].script)
+            commands[name] = self.client.register_script(text)
 
     @property
     def maximumBlockTimeout(self) -> float:
