@@ -92,6 +92,28 @@ class QueueUnavailable(FlowError):
     retryable = True
 
 
+class QueueFull(FlowError):
+    """The job store is (nearly) out of room: no new job until workers drain some.
+
+    `reason` says which limit closed admission; `retry_after` how long to wait before trying.
+    """
+
+    code = "queue_full"
+    status = 503
+    retryable = True
+
+    def __init__(self, message: str, *, reason: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after = retry_after
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "reason": self.reason}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
 class NoProviderAvailable(FlowError):
     """Every configured provider reports it cannot serve (`/readyz`)."""
 

@@ -20,7 +20,9 @@ from flow_api.api.http_protocol import JsonErrorsHttpToolsProtocol
 from flow_api.data_folder import DataFolder
 from flow_api.embedded import EmbeddedValkey
 from flow_api.providers import Provider, ProviderRegistry, build_registry
+from flow_api.queue.admission import read_room
 from flow_api.queue.connection import connect
+from flow_api.queue.producer import JobQueue
 from flow_api.redaction import redact_secrets, redact_url
 from flow_api.settings import Settings
 from flow_api.startup import ConfigurationError, StartupError
@@ -258,11 +260,17 @@ async def check(settings: Settings) -> list[str]:
     """
     problems: list[str] = []
     client = connect(settings.redis)
+    queue = JobQueue(client, settings.redis, settings.worker)
+    where = f"redis at {redact_url(settings.redis.url)}"
     try:
         await client.ping()
+        room = await read_room(client, queue, settings.admission)
+        if (full := room.refusal(settings.admission)) is not None:
+            problems.append(f"{where}: queue full, submits are refused: {full.message}")
     except Exception as exc:
-        problems.append(f"redis at {redact_url(settings.redis.url)}: {type(exc).__name__}")
+        problems.append(f"{where}: {type(exc).__name__}")
     finally:
+        await queue.close()
         await client.aclose()
     try:
         registry = build_registry(settings)

@@ -16,6 +16,7 @@ from flow_api.auth.access import AccessControl
 from flow_api.auth.exposure import check_exposure
 from flow_api.idempotency import IdempotencyStore
 from flow_api.providers import ProviderRegistry, build_registry
+from flow_api.queue.admission import Admission
 from flow_api.queue.producer import job_queue
 from flow_api.queue.store import JobStore
 from flow_api.settings import Settings
@@ -33,6 +34,7 @@ def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> 
             app.state.settings = settings
             app.state.queue = queue
             app.state.store = JobStore(queue)
+            app.state.admission = Admission(queue, settings.admission)
             app.state.registry = providers
             app.state.idempotency = IdempotencyStore(
                 queue.redis, settings.redis.queue_name, settings.api.idempotency_ttl_s

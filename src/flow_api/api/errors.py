@@ -14,8 +14,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from flow_api.api.security import API_HEADERS
-from flow_api.errors import FlowError
+from flow_api.errors import FlowError, QueueFull
 from flow_api.models import ErrorBody, ErrorPayload
+from flow_api.queue.connection import RedisOutOfMemory, out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +100,21 @@ async def _flow(_: Request, exc: Exception) -> JSONResponse:
 
 def flow_error_response(exc: FlowError, headers: Mapping[str, str] | None = None) -> JSONResponse:
     """The answer for a domain error, with the headers it carries (and any in `headers`)."""
-    if exc.status >= 500:
+    if isinstance(exc, QueueFull):  # admission logs when it closes and reopens, with counts
+        log.debug("%s: %s", exc.code, exc.message)
+    elif exc.status >= 500:
         log.warning("%s: %s", exc.code, exc.message)
     sent = {"Retry-After": "1"} if exc.status == 503 else {}
     sent.update(exc.headers())  # Retry-After of a 429, WWW-Authenticate of a 401
     sent.update(headers or {})
-    return error_response(
-        exc.status,
-        exc.code,
-        exc.message,
-        headers=sent,
-        extra={"field": exc.field} if exc.field else None,
-    )
+    extra = {k: v for k, v in exc.to_dict().items() if k not in ("code", "message")}
+    return error_response(exc.status, exc.code, exc.message, headers=sent, extra=extra or None)
+
+
+async def _out_of_memory(request: Request, exc: Exception) -> JSONResponse:
+    # A Redis write refused for memory anywhere in a request (the job, a quota, an idempotency
+    # key): the same 503 `queue_full` admission control gives, never an "unexpected error".
+    return await _flow(request, out_of_memory())
 
 
 async def _http(request: Request, exc: Exception) -> JSONResponse:
@@ -164,5 +168,6 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(FlowError, _flow)
+    app.add_exception_handler(RedisOutOfMemory, _out_of_memory)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(Exception, _unexpected)

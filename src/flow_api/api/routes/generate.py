@@ -8,7 +8,7 @@ import orjson
 from fastapi import APIRouter, Header, Response
 
 from flow_api.api.auth import AccessDep, SubmitterDep
-from flow_api.api.deps import IdempotencyDep, QueueDep, RegistryDep, SettingsDep
+from flow_api.api.deps import AdmissionDep, IdempotencyDep, QueueDep, RegistryDep, SettingsDep
 from flow_api.api.responses import errors
 from flow_api.errors import InvalidRequest
 from flow_api.jobs import JobData
@@ -56,16 +56,19 @@ async def submit(
     registry: RegistryDep,
     settings: SettingsDep,
     idempotency: IdempotencyDep,
+    admission: AdmissionDep,
     principal: SubmitterDep,
     access: AccessDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JobAccepted:
     """With an `Idempotency-Key`, the same key and body return the same job (and create no
-    second one) for `FLOW_API_IDEMPOTENCY_TTL_S`; the same key with another body is a 409."""
+    second one) for `FLOW_API_IDEMPOTENCY_TTL_S`; the same key with another body is a 409.
+    A 503 `queue_full` (with `Retry-After`) while the job store has no room for more jobs."""
     check_limits(body, settings.api, settings.worker)
     provider, model = registry.resolve(body.options)
     data = JobData.submitted(body, provider=provider.name, model=model, tenant=principal.tenant)
+    await admission.admit(principal.tenant)  # or 503 queue_full: Redis keeps room to drain
     job_id = new_job_id()
     if idempotency_key is not None:
         fingerprint = orjson.dumps(body.wire(), option=orjson.OPT_SORT_KEYS)
