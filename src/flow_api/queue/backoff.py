@@ -3,9 +3,13 @@
 When Redis is out of memory (`noeviction`) or unreachable, every slot's take and finish fails at
 once. Retried at once, that was a hot loop (thousands of warnings a second, a CPU busy doing
 nothing). Here the slots of one worker share one backoff: the first failure of a round sets the
-next try (exponential, jittered, capped), every slot waits for it, and one success ends the
-episode. The log gets one line when trouble starts, one every `log_every_s` with the counts
-meanwhile, and one when Redis answers again.
+next try (exponential, jittered, capped), and every slot waits for it. The episode ends with a
+success that comes `quiet_s` after the last failure, not with any success: a Redis at its memory
+limit still runs some calls (a script whose first write frees memory goes through, so a take
+that finds a job in a tenant's line, or a finish, can succeed between refused ones), and ending
+the episode on each of those reset the backoff and brought the hot loop back. The log gets one
+line when trouble starts, one every `log_every_s` with the counts meanwhile, and one when Redis
+answers again.
 """
 
 from __future__ import annotations
@@ -22,10 +26,20 @@ log = logging.getLogger(__name__)
 class RedisBackoff:
     """A worker's shared backoff while Redis refuses its calls; recovers by itself."""
 
-    def __init__(self, base_s: float = 0.05, cap_s: float = 2.0, log_every_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        base_s: float = 0.05,
+        cap_s: float = 2.0,
+        log_every_s: float = 5.0,
+        quiet_s: float | None = None,
+    ) -> None:
         self.base_s = base_s
         self.cap_s = cap_s
         self.log_every_s = log_every_s
+        self.quiet_s = 2 * cap_s if quiet_s is None else quiet_s
+        """Failure-free time after which a success ends the episode (over `cap_s`, so calls
+        that fail and succeed in turn keep it going at the capped pace)."""
+        self._last_failure = 0.0
         self._round = 0
         self._resume_at = 0.0
         self._since: float | None = None
@@ -36,7 +50,7 @@ class RedisBackoff:
 
     @property
     def troubled(self) -> bool:
-        """Whether the last call to Redis failed (no success since)."""
+        """Whether an episode is on: a failure within `quiet_s`, or no success since one."""
         return self._since is not None
 
     async def wait(self) -> None:
@@ -48,6 +62,7 @@ class RedisBackoff:
     async def failed(self, operation: str, exc: BaseException) -> None:
         """Count a failed `operation` ("take", "finish"...), log if due, wait for the next try."""
         now = time.monotonic()
+        self._last_failure = now
         self.total_errors += 1
         self._errors[f"{operation} {type(exc).__name__}"] += 1
         if now >= self._resume_at:  # the first failure of this round sets the next one
@@ -77,10 +92,13 @@ class RedisBackoff:
         await self.wait()
 
     def succeeded(self) -> None:
-        """A call went through: end the episode (and say so once)."""
+        """A call went through: end the episode (and say so once) if none failed for `quiet_s`."""
         if self._since is None:
             return
-        took = time.monotonic() - self._since
+        now = time.monotonic()
+        if now - self._last_failure < self.quiet_s:
+            return
+        took = self._last_failure - self._since
         log.warning("Redis answers the worker again after %.1f s of refusals", took)
         self._since = None
         self._round = 0
