@@ -2,25 +2,32 @@
 
 Every scenario runs in fresh processes against one throwaway valkey-server and the provider
 simulator in its own process (`--latency` seconds per call). A scenario's jobs are queued while
-the queue is paused; the consumers start and settle; then the queue is resumed and the clock
-runs until every job has finished. CPU is the consumer processes' own (user + system, from
-/proc), divided by the jobs; RSS is their peak while the jobs ran (about `--concurrency` in
-flight).
+the queue is paused, the same way for every setup (our producer: the same job data and the same
+BullMQ options, attempts included); the consumers start and settle (one warm-up second for
+every setup); then the queue is resumed and the clock runs until every job has finished.
+jobs/s counts completed jobs only; failed jobs are shown beside them. CPU is the consumer
+processes' own (user + system, from /proc) and, separately, the valkey-server's, divided by
+the jobs finished; RSS is the consumers' peak while the jobs ran.
+
+Every setup runs on the same event loop: uvloop by default (`flow-api worker` always runs it),
+`--stock-loop asyncio` puts the stock Worker on the default asyncio loop instead (as bullmq's
+docs run it) and says so in the setup's name.
 
     python benchmarks/worker_throughput.py [--jobs 3000] [--concurrency 1000] [--latency 1]
-        [--scale-concurrency 200] [--only a,b,c,d,e]
+        [--scale-concurrency 200] [--only a,b,c,d,e] [--rounds 3]
 
 Scenarios:
   a  stock: one bullmq `Worker(concurrency=C)`, processor `ChatOpenAI(...)` with its defaults
-     (httpx transport), on the default asyncio loop as bullmq's docs run it
+     (httpx transport)
   b  ours: `flow-api worker` (FLOW_WORKER_CONCURRENCY=C), OpenAI provider on the simulator
   c  the same chat model alone: our provider's `ChatOpenAI` called C at a time with
-     `asyncio.gather` + a semaphore, no queue, uvloop: the floor (b) is measured against
+     `asyncio.gather` + a semaphore, no queue: the floor (b) is measured against
   d  instant jobs (no-op processor): stock `Worker(concurrency=C)` vs our `QueueConsumer`
   e  scale-out: one vs two `flow-api worker` processes, each with --scale-concurrency slots
 
-Prints Markdown tables with ratios; asserts nothing (this machine is shared: compare only
-figures from the same run).
+Each group (a-c, d, e) runs `--rounds` alternated rounds, so drifting load on a shared machine
+hits every setup alike; it prints every round, each round's ratios and their median. Asserts
+nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import argparse
 import asyncio
 import os
 import signal
+import statistics
 import sys
 import time
 import uuid
@@ -45,13 +53,11 @@ from _harness import (
     Profiler,
     machine,
     python_child,
-    ratio,
     simulator,
     table,
     valkey_server,
     worker_env,
 )
-from bullmq import Queue
 from redis.asyncio import Redis
 
 from flow_api.jobs import JobData
@@ -60,6 +66,7 @@ from flow_api.queue.producer import JobQueue
 from flow_api.settings import RedisSettings, WorkerSettings
 
 PREFIX = "bull"
+WARM_UP_S = 1.0  # every setup settles this long after saying it is ready, before the clock
 PROFILE_DIR: Path | None = None  # --py-spy DIR
 PROMPT = "Summarise the plot of a short novel about a lighthouse keeper, number {i}."
 
@@ -74,34 +81,48 @@ class Result:
     cpu_s: float
     peak_rss: int
     failed: int = 0
+    valkey_cpu_s: float | None = None
+
+    @property
+    def completed(self) -> int:
+        return self.jobs - self.failed
 
     @property
     def per_s(self) -> float:
-        return self.jobs / self.seconds
+        """Completed jobs per second (failed ones are not throughput)."""
+        return self.completed / self.seconds
 
     @property
     def cpu_ms(self) -> float:
         return 1000 * self.cpu_s / self.jobs
 
-    def row(self, base: Result | None) -> list[object]:
+    def row(self, round_no: int) -> list[object]:
+        valkey = "-" if self.valkey_cpu_s is None else f"{1000 * self.valkey_cpu_s / self.jobs:.2f}"
         return [
+            round_no,
             self.name,
-            f"{self.per_s:.0f}",
-            ratio(self.per_s, base.per_s) if base else "1.00x",
-            f"{self.cpu_ms:.2f}",
-            f"{self.peak_rss / 2**20:.0f}",
+            self.completed,
             self.failed,
+            f"{self.per_s:.0f}",
+            f"{self.cpu_ms:.2f}",
+            valkey,
+            f"{self.peak_rss / 2**20:.0f}",
         ]
 
 
-HEADER = ["setup", "jobs/s", "ratio", "CPU ms/job", "peak RSS MiB", "failed"]
+HEADER = [
+    "round",
+    "setup",
+    "completed",
+    "failed",
+    "completed jobs/s",
+    "CPU ms/job",
+    "Valkey CPU ms/job",
+    "peak RSS MiB",
+]
 
 
 # --- the parent: queue, start, measure -------------------------------------------------------
-
-
-def median(results: list[Result]) -> Result:
-    return sorted(results, key=lambda r: r.per_s)[len(results) // 2]
 
 
 def flow_job(i: int) -> JobData:
@@ -110,22 +131,15 @@ def flow_job(i: int) -> JobData:
     return JobData.submitted(request, provider="openai", model=SIM_MODEL, tenant="default")
 
 
-async def fill(redis: Redis, queue_name: str, jobs: int, *, flow: bool) -> Queue | JobQueue:
-    """Pause the queue and put `jobs` jobs in it (ours through the service's producer)."""
-    if flow:
-        ours = JobQueue(
-            redis, RedisSettings(queue_name=queue_name, prefix=PREFIX), WorkerSettings()
-        )
-        await ours.pause()
-        await ours.enqueue_many([flow_job(i) for i in range(jobs)])
-        return ours
-    queue = Queue(queue_name, {"connection": redis, "prefix": PREFIX})
+async def fill(redis: Redis, queue_name: str, jobs: int) -> JobQueue:
+    """Pause the queue and put `jobs` jobs in it through the service's producer.
+
+    Every setup, stock or ours, gets these same jobs (data and BullMQ options, attempts
+    included), so no setup is measured on a lighter payload.
+    """
+    queue = JobQueue(redis, RedisSettings(queue_name=queue_name, prefix=PREFIX), WorkerSettings())
     await queue.pause()
-    batch = [
-        {"name": "bench", "data": {"prompt": PROMPT.format(i=i)}, "opts": {}} for i in range(jobs)
-    ]
-    for start in range(0, jobs, 500):
-        await queue.addBulk(batch[start : start + 500])
+    await queue.enqueue_many([flow_job(i) for i in range(jobs)])
     return queue
 
 
@@ -141,19 +155,21 @@ async def run_queued(
     jobs: int,
     start: Callable[[str], list[Child]],
     *,
-    flow: bool,
     ready: str,
+    valkey_pid: int,
 ) -> Result:
     """Queue `jobs` (paused), start the consumers, resume, time until all have finished."""
     queue_name = f"bench-{uuid.uuid4().hex[:8]}"
-    queue = await fill(redis, queue_name, jobs, flow=flow)
+    queue = await fill(redis, queue_name, jobs)
     children = start(queue_name)
     try:
         for child in children:
             await asyncio.to_thread(child.wait_for, ready)
-        await asyncio.sleep(1.0)  # let every shard reach its blocking wait
+        await asyncio.sleep(WARM_UP_S)  # let every consumer reach its blocking wait
         meter = Meter([c.pid for c in children])
+        valkey_meter = Meter([valkey_pid])
         meter.start()
+        valkey_meter.start()
         profiler = Profiler([c.pid for c in children], PROFILE_DIR, name)
         profiler.start()
         started = time.perf_counter()
@@ -165,12 +181,13 @@ async def run_queued(
             await asyncio.sleep(0.02)
         seconds = time.perf_counter() - started
         meter.stop()
+        valkey_meter.stop()
         profiler.stop()
     finally:
         for child in children:
             await asyncio.to_thread(child.stop)
         await queue.close()
-    return Result(name, jobs, seconds, meter.cpu_s, meter.peak_rss, failed)
+    return Result(name, jobs, seconds, meter.cpu_s, meter.peak_rss, failed, valkey_meter.cpu_s)
 
 
 async def run_alone(name: str, jobs: int, args: Sequence[str]) -> Result:
@@ -178,6 +195,7 @@ async def run_alone(name: str, jobs: int, args: Sequence[str]) -> Result:
     child = python_child(__file__, "--child", "alone", "--jobs", str(jobs), *args)
     try:
         await asyncio.to_thread(child.wait_for, "ready")
+        await asyncio.sleep(WARM_UP_S)  # the same settling time as the queued setups
         meter = Meter([child.pid])
         meter.start()
         profiler = Profiler([child.pid], PROFILE_DIR, name)
@@ -208,7 +226,7 @@ async def child_stock(args: argparse.Namespace) -> None:
         chat = ChatOpenAI(model=SIM_MODEL, base_url=f"{args.sim}/v1", api_key=PROVIDER_KEY)
 
         async def call(job: Any, token: str) -> Any:
-            return (await chat.ainvoke(job.data["prompt"])).content
+            return (await chat.ainvoke(job.data["request"]["prompt"])).content
 
         processor = call
     else:
@@ -307,110 +325,119 @@ def flow_workers(
     return start
 
 
+Setup = Callable[[], Awaitable[Result]]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+async def alternate(
+    title: str,
+    setups: dict[str, Setup],
+    ratios: Sequence[tuple[str, str, str]],
+    rounds: int,
+) -> None:
+    """Run `setups` in alternated rounds; print every round, each round's ratios, the medians.
+
+    `ratios` are (numerator key, denominator key, goal text): jobs/s of one setup over
+    another's, computed within each round, so both sides saw the same load.
+    """
+    results: list[dict[str, Result]] = []
+    for _ in range(rounds):
+        results.append({key: await setup() for key, setup in setups.items()})
+    print(f"{title}\n")
+    rows = [r.row(i + 1) for i, each in enumerate(results) for r in each.values()]
+    print(table(HEADER, rows))
+    print()
+    ratio_header = ["round", *(f"{n}/{d}" for n, d, _ in ratios)]
+    ratio_rows: list[list[object]] = [
+        [i + 1, *(f"{each[n].per_s / each[d].per_s:.2f}" for n, d, _ in ratios)]
+        for i, each in enumerate(results)
+    ]
+    medians = [median([each[n].per_s / each[d].per_s for each in results]) for n, d, _ in ratios]
+    ratio_rows.append(["median", *(f"**{m:.2f}**" for m in medians)])
+    print(table(ratio_header, ratio_rows))
+    for (n, d, goal), m in zip(ratios, medians, strict=True):
+        print(f"median {n}/{d} over {rounds} rounds = {m:.2f} ({goal})")
+    print()
+
+
 async def main(args: argparse.Namespace) -> None:
     only = set(args.only.split(","))
     n, c = args.jobs, args.concurrency
+    loop = "uvloop" if args.stock_loop == "uvloop" else "default asyncio loop"
     print(f"machine: {machine()}")
     print(
         f"jobs {n}, concurrency {c}, simulated call {args.latency:g} s "
-        f"(ideal {c / args.latency:.0f} calls/s)\n"
+        f"(ideal {c / args.latency:.0f} calls/s); stock Worker on {loop}, ours on uvloop\n"
     )
     with valkey_server() as valkey, simulator("--latency", str(args.latency)) as sim:
+        assert valkey.process is not None
         redis = Redis.from_url(valkey.url)
+        vpid = valkey.process.pid
+
+        def queued(name: str, start: Callable[[str], list[Child]], ready: str) -> Setup:
+            return lambda: run_queued(name, redis, n, start, ready=ready, valkey_pid=vpid)
+
         try:
-            if {"a", "b", "c"} & only:
-                rounds: dict[str, list[Result]] = {}
-                # Rounds alternate the setups so that drifting load on this shared machine hits
-                # each alike; the table shows each setup's median round (by jobs/s).
-                for _ in range(args.rounds):
-                    if "a" in only:
-                        start = stock("stock-llm", args, valkey.url, sim.url)
-                        result = await run_queued(
-                            "(a) stock Worker + ChatOpenAI defaults",
-                            redis,
-                            n,
-                            start,
-                            flow=False,
-                            ready="ready",
-                        )
-                        rounds.setdefault("a", []).append(result)
-                    if "b" in only:
-                        start = flow_workers(1, c, valkey.url, sim.url)
-                        result = await run_queued(
-                            "(b) ours: flow-api worker",
-                            redis,
-                            n,
-                            start,
-                            flow=True,
-                            ready="worker consuming queue",
-                        )
-                        rounds.setdefault("b", []).append(result)
-                    if "c" in only:
-                        alone_args = ["--sim", sim.url, "--concurrency", str(c)]
-                        result = await run_alone("(c) chat model alone, no queue", n, alone_args)
-                        rounds.setdefault("c", []).append(result)
-                if args.rounds > 1:
-                    for key, results in sorted(rounds.items()):
-                        each = ", ".join(f"{r.per_s:.0f}/s {r.cpu_ms:.2f} ms" for r in results)
-                        print(f"({key}) rounds: {each}")
-                    print()
-                rows = [median(rounds[key]) for key in sorted(rounds)]
-                base = rows[0]
-                print(f"LLM jobs ({args.latency:g} s simulated call, concurrency {c})\n")
-                print(table(HEADER, [r.row(base) for r in rows]))
-                named = {r.name[:3]: r for r in rows}
-                if "(b)" in named and "(c)" in named:
-                    b, cc = named["(b)"], named["(c)"]
-                    print(f"\n(b)/(c) = {b.per_s / cc.per_s:.2f} (goal ≥ 0.90)")
-                if "(b)" in named and "(a)" in named:
-                    b, a = named["(b)"], named["(a)"]
-                    print(f"(b)/(a) = {b.per_s / a.per_s:.2f} (goal ≥ 2)")
-                print()
+            group: dict[str, Setup] = {}
+            if "a" in only:
+                group["a"] = queued(
+                    f"(a) stock Worker + ChatOpenAI defaults ({args.stock_loop})",
+                    stock("stock-llm", args, valkey.url, sim.url),
+                    "ready",
+                )
+            if "b" in only:
+                group["b"] = queued(
+                    "(b) ours: flow-api worker (uvloop)",
+                    flow_workers(1, c, valkey.url, sim.url),
+                    "worker consuming queue",
+                )
+            if "c" in only:
+                alone_args = ["--sim", sim.url, "--concurrency", str(c)]
+                group["c"] = lambda: run_alone(
+                    "(c) chat model alone, no queue (uvloop)", n, alone_args
+                )
+            ratios = [
+                (num, den, goal)
+                for num, den, goal in (("b", "a", "goal >= 2"), ("b", "c", "goal >= 0.90"))
+                if num in group and den in group
+            ]
+            if group:
+                title = f"LLM jobs ({args.latency:g} s simulated call, concurrency {c})"
+                await alternate(title, group, ratios, args.rounds)
             if "d" in only:
-                rows = [
-                    await run_queued(
-                        "stock Worker, no-op",
-                        redis,
-                        n,
+                noop = {
+                    "stock": queued(
+                        f"(d) stock Worker, no-op ({args.stock_loop})",
                         stock("stock-noop", args, valkey.url, sim.url),
-                        flow=False,
-                        ready="ready",
+                        "ready",
                     ),
-                    await run_queued(
-                        "ours: QueueConsumer, no-op",
-                        redis,
-                        n,
+                    "ours": queued(
+                        "(d) ours: QueueConsumer, no-op (uvloop)",
                         stock("ours-noop", args, valkey.url, sim.url),
-                        flow=True,
-                        ready="ready",
+                        "ready",
                     ),
-                ]
-                print(f"(d) instant jobs (no-op processor, concurrency {c})\n")
-                print(table(HEADER, [r.row(rows[0]) for r in rows]))
-                print(f"\nours/stock = {rows[1].per_s / rows[0].per_s:.2f} (goal ≥ 1.5)\n")
+                }
+                title = f"(d) instant jobs (no-op processor, concurrency {c})"
+                await alternate(title, noop, [("ours", "stock", "goal >= 1.5")], args.rounds)
             if "e" in only:
                 sc = args.scale_concurrency
-                rows = [
-                    await run_queued(
-                        f"1 x flow-api worker ({sc} slots)",
-                        redis,
-                        n,
+                scale = {
+                    "one": queued(
+                        f"(e) 1 x flow-api worker ({sc} slots)",
                         flow_workers(1, sc, valkey.url, sim.url),
-                        flow=True,
-                        ready="worker consuming queue",
+                        "worker consuming queue",
                     ),
-                    await run_queued(
-                        f"2 x flow-api worker ({sc} slots each)",
-                        redis,
-                        n,
+                    "two": queued(
+                        f"(e) 2 x flow-api worker ({sc} slots each)",
                         flow_workers(2, sc, valkey.url, sim.url),
-                        flow=True,
-                        ready="worker consuming queue",
+                        "worker consuming queue",
                     ),
-                ]
-                print(f"(e) scale-out ({args.latency:g} s simulated call)\n")
-                print(table(HEADER, [r.row(rows[0]) for r in rows]))
-                print(f"\ntwo/one = {rows[1].per_s / rows[0].per_s:.2f} (goal ≥ 1.7)\n")
+                }
+                title = f"(e) scale-out ({args.latency:g} s simulated call, {sc} slots a process)"
+                await alternate(title, scale, [("two", "one", "goal >= 1.7")], args.rounds)
         finally:
             await redis.aclose()
 
@@ -426,11 +453,11 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--scale-concurrency", type=int, default=200, help="slots per worker process in (e)"
     )
     parser.add_argument("--only", default="a,b,c,d,e", help="comma-separated scenarios")
-    parser.add_argument("--rounds", type=int, default=1, help="rounds of a, b, c (median)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternated rounds of each group")
     parser.add_argument(
         "--stock-loop",
         choices=("asyncio", "uvloop"),
-        default="asyncio",
+        default="uvloop",
         help="event loop of the stock Worker (a, d); ours always runs uvloop",
     )
     parser.add_argument(

@@ -7,8 +7,10 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import uvloop
 
@@ -28,8 +30,16 @@ def _port(text: str) -> int:
     return port
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (and exit code 2, as argparse does): the line says what is
+    wrong and where the help is, without the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flow-api", description=__doc__)
+    parser = _Parser(prog="flow-api", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="embedded Valkey + API + worker, for one machine")
     up.add_argument("--data-dir", type=Path, default=Path(".flow-data"))
@@ -94,19 +104,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     """The serving commands. The folder and the port are claimed before the heavy imports
     (FastAPI, LangChain), so a second `up` or a taken port is told within a second."""
     if args.command == "api" and args.reload:
-        import uvicorn
-
-        uvicorn.run(
-            "flow_api.cli:app_from_env",
-            factory=True,
-            reload=True,
-            host=settings.api.host,
-            port=settings.api.port,
-            log_config=None,  # keep the app's format (set in `app_from_env`)
-            log_level=settings.log_level.lower(),
-        )
+        with listen(settings) as sock:
+            _serve_reloading(settings, sock)
     elif args.command == "api":
-        with listen(settings.api) as sock:
+        with listen(settings) as sock:
             from flow_api import service
 
             uvloop.run(service.serve_api(settings, sock))
@@ -115,7 +116,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
         uvloop.run(service.run_worker(settings))
     elif args.command == "up":
-        with data_folder.claim(args.data_dir) as folder, listen(settings.api) as sock:
+        with data_folder.claim(args.data_dir) as folder, listen(settings) as sock:
             from flow_api import service
 
             uvloop.run(service.run_up(settings, folder, sock))
@@ -127,6 +128,27 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             print(f"not ok: {problem}", file=sys.stderr)
         return 1 if problems else 0
     return 0
+
+
+def _serve_reloading(settings: Settings, sock: socket.socket) -> None:
+    """`api --reload`: uvicorn's reloader serves on our bound `sock` and rebuilds the app from
+    the environment in each child, so the address chosen here (`--host`, `--port`) is put in
+    the environment the children read: they build the very settings this process checked."""
+    import uvicorn
+
+    from flow_api.api.http_protocol import JsonErrorsHttpToolsProtocol
+
+    os.environ["FLOW_API_HOST"] = settings.api.host
+    os.environ["FLOW_API_PORT"] = str(settings.api.port)
+    uvicorn.run(
+        "flow_api.cli:app_from_env",
+        factory=True,
+        reload=True,
+        fd=sock.fileno(),
+        http=JsonErrorsHttpToolsProtocol,
+        log_config=None,  # keep the app's format (set in `app_from_env`)
+        log_level=settings.log_level.lower(),
+    )
 
 
 def run() -> None:

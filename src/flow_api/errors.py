@@ -130,6 +130,28 @@ class QueueUnavailable(FlowError):
     retryable = True
 
 
+class QueueFull(FlowError):
+    """The job store is (nearly) out of room: no new job until workers drain some.
+
+    `reason` says which limit closed admission; `retry_after` how long to wait before trying.
+    """
+
+    code = "queue_full"
+    status = 503
+    retryable = True
+
+    def __init__(self, message: str, *, reason: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after = retry_after
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "reason": self.reason}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
 class NoProviderAvailable(FlowError):
     """Every configured provider reports it cannot serve (`/readyz`)."""
 
@@ -212,7 +234,12 @@ class ProviderError(FlowError):
     status = 502
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
+        # Scrubbed here, once for every path: the text often quotes the provider's answer or an
+        # SDK exception (a key it refused, a gateway's URL with its password), and it is stored
+        # on the job, shown to its submitter and logged.
+        from flow_api.redaction import redact_secrets  # a leaf module; keeps this one import-free
+
+        super().__init__(redact_secrets(message))
         self.retry_after = retry_after
 
 

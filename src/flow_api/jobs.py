@@ -102,6 +102,9 @@ class JobData(BaseModel):
     """Wall-clock deadline for the first attempt to start (`startWithinMs` after submit)."""
     charge: Charge | None = Field(default=None, alias="tokenCharge")
     """The key's token reservation the worker settles with the real usage; None without one."""
+    trimmed_chars: int | None = Field(default=None, alias="trimmedChars")
+    """Set once the job completed and its prompt was cut (`trimmed`): the characters of prompt
+    and system text it was submitted with."""
 
     @classmethod
     def submitted(
@@ -148,7 +151,25 @@ class JobData(BaseModel):
             data["startBy"] = self.start_by_ms
         if self.charge is not None:
             data["tokenCharge"] = self.charge.model_dump(exclude_none=True)
+        if self.trimmed_chars is not None:
+            data["trimmedChars"] = self.trimmed_chars
         return data
+
+    def trimmed(self, keep_chars: int) -> JobData:
+        """This envelope with prompt and system text cut to `keep_chars` each, for a completed
+        job: its answer is stored, so Redis need not keep a large prompt for its retention.
+        Returns `self` when nothing is longer."""
+        options = self.request.options
+        system = options.system or ""
+        if len(self.request.prompt) <= keep_chars and len(system) <= keep_chars:
+            return self
+        cut_options = options.model_copy(update={"system": system[:keep_chars] or None})
+        request = self.request.model_copy(
+            update={"prompt": self.request.prompt[:keep_chars], "options": cut_options}
+        )
+        return self.model_copy(
+            update={"request": request, "trimmed_chars": prompt_chars(self.request)}
+        )
 
     def expired(self, now: int, *, started_before: bool = False) -> bool:
         """True when the job missed its start deadline: no attempt started before it, and it

@@ -34,6 +34,18 @@ BullMQ owns `<prefix>:<queue>:*`. Flow API adds:
 - `flow:<queue>:budget:{<provider>/<model>}:probe` (string): the one call that may go while
   nothing is known of a model; TTL two seconds. The hash tag keeps a model's keys in one Redis
   Cluster slot, as its Lua scripts need.
+- `flow:<queue>:admission:refused` (hash): tenant -> submits refused with `queue_full` (see
+  `queue/admission.py`); one field per tenant, kept for the metrics to export.
+- `flow:<queue>:budget:{<provider>/<model>}:wake:<tenant>` (string): when the tenant's next job
+  told to come back for that model's budget comes back (each tenant has its own line of
+  come-back times, so one tenant's backlog does not push another's back); TTL like the budget.
+- `<prefix>:<queue>:fair:ring` (sorted set: tenant -> virtual time),
+  `<prefix>:<queue>:fair:t:<tenant>` (sorted set: the tenant's held job ids),
+  `<prefix>:<queue>:fair:stride` (hash: tenant -> 1 / weight), `<prefix>:<queue>:fair:vtime` and
+  `<prefix>:<queue>:fair:seq` (strings), `<prefix>:<queue>:fair:waiting` (list, one entry per
+  held job: a length for autoscalers): fair share between tenants (`queue/fair_share.py`).
+  Under BullMQ's prefix so they share the queue's Cluster slot; owned by the queue (a line
+  empties as its jobs are taken; `obliterate` removes them all).
 """
 
 from __future__ import annotations
@@ -93,3 +105,11 @@ def budget_known_key(queue_name: str, provider: str, model: str) -> str:
 
 def budget_probe_key(queue_name: str, provider: str, model: str) -> str:
     return f"{budget_key(queue_name, provider, model)}:probe"
+
+
+def admission_refusals_key(queue_name: str) -> str:
+    return f"flow:{queue_name}:admission:refused"
+
+
+def budget_wake_key(queue_name: str, provider: str, model: str, tenant: str) -> str:
+    return f"{budget_key(queue_name, provider, model)}:wake:{tenant}"

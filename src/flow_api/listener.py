@@ -1,7 +1,9 @@
-"""The API's listening socket, bound before anything else starts.
+"""The API's listening socket, bound before anything else starts, by every serving command
+(`api`, `api --reload`, `up`).
 
 A taken port is then one clear line within a second of `flow-api up` (uvicorn would only find
-out after the embedded Valkey and the worker had started, and the worker kept running).
+out after the embedded Valkey and the worker had started, and the worker kept running); and the
+guard against serving beyond loopback without keys runs on the address actually bound.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import os
 import socket
 from collections.abc import Iterator
 
-from flow_api.settings import ApiSettings
+from flow_api.auth.exposure import refuse_insecure_binding
+from flow_api.settings import Settings
 from flow_api.startup import StartupError
 
 
@@ -26,8 +29,11 @@ class ApiPortUnavailable(StartupError):
 
 
 @contextlib.contextmanager
-def listen(api: ApiSettings) -> Iterator[socket.socket]:
-    """A bound, listening socket for `api.host`:`api.port`, closed on exit."""
+def listen(settings: Settings) -> Iterator[socket.socket]:
+    """A bound, listening socket for `api.host`:`api.port`, closed on exit. Raises
+    `InsecureBinding` first when that address would serve jobs without authentication."""
+    refuse_insecure_binding(settings)
+    api = settings.api
     host = api.host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:

@@ -45,11 +45,9 @@ class GenerateOptions(WireModel):
     provider: Annotated[StrictStr, Field(min_length=1, max_length=64)] | None = None
     model: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = None
     system: Annotated[StrictStr, Field(max_length=100_000)] | None = None
-    timeout_ms: Annotated[StrictInt, Field(ge=100, le=3_600_000)] | None = None
+    timeout_ms: Annotated[StrictInt, Field(ge=100, le=86_400_000)] | None = None
     priority: Annotated[StrictInt, Field(ge=1, le=2_097_152)] | None = None
-    stop: (
-        Annotated[list[Annotated[StrictStr, Field(max_length=200)]], Field(max_length=8)] | None
-    ) = None
+    stop: Annotated[list[StopSequence], Field(max_length=8)] | None = None
     seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     start_within_ms: Annotated[StrictInt, Field(ge=1, le=30 * 86_400_000)] | None = None
     metadata: dict[str, Any] | None = None

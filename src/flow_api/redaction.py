@@ -13,15 +13,27 @@ REDACTED = "[redacted]"
 
 _CREDENTIALS = re.compile(
     r"\b(?:sk|rk|pk)-[A-Za-z0-9_*.\-]{6,}"  # OpenAI and Anthropic (sk-ant-...) keys, masked too
-    r"|\bflow_[A-Za-z0-9_\-]{20,}"  # our own API keys
+    r"|(?-i:\bflow_)[A-Za-z0-9_\-]{20,}"  # our own API keys (not FLOW_ setting names)
     r"|\bBearer\s+[A-Za-z0-9._~+/=*\-]+",  # an Authorization header value
+    re.IGNORECASE,
+)
+# `scheme://user:password@host`: the password (a gateway or proxy URL quoted in an error).
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
+# A credential as a query parameter or header-like `name=value` / `name: value`
+# (`?api-key=...`, `&access_token=...`, `api-key: ...`, `password=...`).
+_NAMED_SECRET = re.compile(
+    r"(\b(?:api[-_]?key|access[-_]?token|token|secret|password|passwd|pwd|sig|signature)"
+    r"[\"']?\s*[=:]\s*[\"']?)[^\s&\"',;}]+",
     re.IGNORECASE,
 )
 
 
 def redact_secrets(text: str) -> str:
-    """`text` with every credential-shaped substring replaced by `[redacted]`."""
-    return _CREDENTIALS.sub(REDACTED, text)
+    """`text` with every credential-shaped substring replaced by `[redacted]`: API keys, bearer
+    tokens, URL passwords and named credentials (`api-key=...`, `password: ...`)."""
+    text = _CREDENTIALS.sub(REDACTED, text)
+    text = _URL_PASSWORD.sub(rf"\1{REDACTED}@", text)
+    return _NAMED_SECRET.sub(rf"\1{REDACTED}", text)
 
 
 _SECRET_PARAMS = re.compile(r"pass|pwd|secret|token|key|auth|credential", re.IGNORECASE)

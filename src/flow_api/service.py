@@ -16,10 +16,13 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from flow_api.api.app import create_app
+from flow_api.api.http_protocol import JsonErrorsHttpToolsProtocol
 from flow_api.data_folder import DataFolder
 from flow_api.embedded import EmbeddedValkey
 from flow_api.providers import Provider, ProviderRegistry, build_registry
+from flow_api.queue.admission import read_room
 from flow_api.queue.connection import connect
+from flow_api.queue.producer import JobQueue
 from flow_api.redaction import redact_secrets, redact_url
 from flow_api.settings import Settings
 from flow_api.startup import ConfigurationError, StartupError
@@ -91,7 +94,7 @@ def api_server(settings: Settings, registry: ProviderRegistry | None = None) -> 
         host=settings.api.host,
         port=settings.api.port,
         loop="uvloop",
-        http="httptools",
+        http=JsonErrorsHttpToolsProtocol,  # httptools, with uvicorn's own 400 as JSON
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,
@@ -257,11 +260,17 @@ async def check(settings: Settings) -> list[str]:
     """
     problems: list[str] = []
     client = connect(settings.redis)
+    queue = JobQueue(client, settings.redis, settings.worker)
+    where = f"redis at {redact_url(settings.redis.url)}"
     try:
         await client.ping()
+        room = await read_room(client, queue, settings.admission)
+        if (full := room.refusal(settings.admission)) is not None:
+            problems.append(f"{where}: queue full, submits are refused: {full.message}")
     except Exception as exc:
-        problems.append(f"redis at {redact_url(settings.redis.url)}: {type(exc).__name__}")
+        problems.append(f"{where}: {type(exc).__name__}")
     finally:
+        await queue.close()
         await client.aclose()
     try:
         registry = build_registry(settings)

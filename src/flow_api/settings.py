@@ -8,7 +8,7 @@ stay flat (`FLOW_REDIS_URL`, `FLOW_WORKER_CONCURRENCY`) while the object is nest
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -66,6 +66,9 @@ class ApiSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(3000, ge=0, le=65535)
     max_body_bytes: int = Field(1_048_576, gt=0, description="larger bodies get 413")
+    body_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="a body not fully received in this time gets 408"
+    )
     max_prompt_chars: int = Field(100_000, gt=0, description="longer prompts get 422")
     max_metadata_bytes: int = Field(4096, gt=0, description="size cap on options.metadata")
     idempotency_ttl_s: int = Field(86_400, ge=1, description="how long an Idempotency-Key holds")
@@ -83,6 +86,12 @@ class WorkerSettings(BaseSettings):
 
     concurrency: int = Field(100, ge=1, le=10_000, description="jobs in flight per process")
     job_timeout_s: float = Field(120.0, gt=0, description="per-attempt limit unless timeoutMs")
+    max_job_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        le=86_400,
+        description="the largest timeoutMs a request may ask for (larger: 422 at submit)",
+    )
     attempts: int = Field(5, ge=1, le=50, description="tries per job, the first included")
     backoff_base_ms: int = Field(1000, ge=0, description="first retry delay before jitter")
     backoff_max_ms: int = Field(60_000, ge=0, description="cap on one retry delay")
@@ -91,6 +100,16 @@ class WorkerSettings(BaseSettings):
     stalled_interval_ms: int = Field(30_000, ge=1000, description="stalled-job check period")
     max_stalled: int = Field(3, ge=1, description="crash recoveries before a job fails")
     shutdown_grace_s: float = Field(30.0, ge=0, description="in-flight jobs get this long")
+    keep_prompt_chars: int = Field(
+        1024, ge=0, description="a completed job keeps this much of its prompt in Redis; 0 = all"
+    )
+    fair_share: bool = Field(
+        True, description="take tenants' jobs in weighted round-robin (false: one FIFO line)"
+    )
+    tenant_weights: dict[str, Annotated[float, Field(gt=0, le=1000)]] = Field(
+        default_factory=dict,
+        description='share of the workers per tenant, e.g. {"batch": 0.25}; others 1',
+    )
 
 
 class OpenAISettings(BaseSettings):
@@ -240,6 +259,30 @@ class BudgetSettings(BaseSettings):
     )
 
 
+class AdmissionSettings(BaseSettings):
+    """When the API stops taking jobs so that Redis keeps room to drain them (see
+    `queue/admission.py` and the README's "Running at scale")."""
+
+    model_config = _section("FLOW_ADMISSION_")
+
+    watermark: float = Field(
+        0.85, gt=0, le=1, description="share of Redis memory past which submits get 503"
+    )
+    memory_budget_bytes: int = Field(
+        0, ge=0, description="the memory limit when Redis has no maxmemory; 0 = no memory check"
+    )
+    drain_bytes_per_job: int = Field(
+        4096, ge=0, description="memory kept free for each unfinished job to finish in"
+    )
+    max_unfinished_jobs: int = Field(
+        0, ge=0, description="submits get 503 past this many unfinished jobs; 0 = no limit"
+    )
+    refresh_s: float = Field(
+        0.5, gt=0, le=60, description="how long an API process reuses one memory reading"
+    )
+    retry_after_s: int = Field(5, ge=1, description="Retry-After of a queue_full answer")
+
+
 class Settings(BaseSettings):
     """Every setting of the service, grouped by concern."""
 
@@ -255,6 +298,7 @@ class Settings(BaseSettings):
     local: LocalSettings = Field(default_factory=LocalSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     log_level: str = Field("INFO", description="FLOW_LOG_LEVEL")
 
     @field_validator("log_level")
@@ -282,4 +326,5 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "local": LocalSettings,
     "auth": AuthSettings,
     "budget": BudgetSettings,
+    "admission": AdmissionSettings,
 }

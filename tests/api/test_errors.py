@@ -26,6 +26,8 @@ def instance(kind: type[errors.FlowError]) -> errors.FlowError:
         return kind("abc")
     if issubclass(kind, errors.RateLimited):
         return kind("slow down", retry_after=2.5)
+    if issubclass(kind, errors.QueueFull):
+        return kind("no room", reason="redis_memory", retry_after=5)
     return kind("it went wrong")
 
 
@@ -56,6 +58,7 @@ def test_retryable_errors_are_the_transient_ones() -> None:
     retryable = {k.__name__ for k in all_errors() if k.retryable}
     assert retryable == {
         "QueueUnavailable",
+        "QueueFull",
         "RateLimited",
         "QuotaExhausted",
         "WorkerFault",

@@ -7,7 +7,6 @@ estimate are corrected with the real usage; a 429's cooldown holds every worker.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from datetime import datetime
 
@@ -17,10 +16,9 @@ from flow_api.errors import ProviderRateLimited
 from flow_api.keys import budget_key
 from flow_api.models import GenerateOptions, GenerateRequest, Generation, Usage
 from flow_api.queue.connection import connect
-from flow_api.queue.consumer import JobDeferred
 from flow_api.settings import BudgetLimit, Settings, WorkerSettings
 from flow_api.testing import Simulator
-from tests.budget.conftest import MODEL, budget_settings
+from tests.budget.conftest import MODEL, MakeJobs, budget_settings
 from tests.support import WorkerFactory, serving
 from tests.support.processes import astop, env_for, flow_api
 
@@ -95,8 +93,7 @@ async def test_waiting_for_budget_spends_no_attempt(
         took = time.monotonic() - started
         bodies = [await api.record(i) for i in ids]
     assert [s["status"] for s in statuses] == ["completed"] * 5
-    # (status["attempts"] read at completion can be 0: the race noted in the test above; the
-    # attempt records below are the property under test.)
+    assert [s["attempts"] for s in statuses] == [1] * 5  # one snapshot read (issue 21)
     assert [len(b["attempts"]) for b in bodies] == [1] * 5  # waiting is not an attempt
     assert took >= 4 * 0.5 - 0.1, f"5 calls at 120 rpm took only {took:.2f} s"
 
@@ -123,23 +120,6 @@ async def test_a_job_waiting_for_budget_holds_no_slot(
     assert took < 5, f"the other model's job waited {took:.2f} s behind a throttled one"
 
 
-class StubJob:
-    """The part of `JobHandle` the budget uses."""
-
-    def __init__(self, job_id: str) -> None:
-        self.id = job_id
-        self.attempt = 1
-        self.starts = 1
-        self.deferred_until: int | None = None
-
-    async def cancel_requested(self) -> bool:
-        return False
-
-    async def defer(self, until_ms: int) -> None:
-        self.deferred_until = until_ms
-        raise JobDeferred(until_ms)
-
-
 async def token_time(settings: Settings, model: str) -> float:
     client = connect(settings.redis)
     try:
@@ -149,16 +129,19 @@ async def token_time(settings: Settings, model: str) -> float:
     return float(value)
 
 
-async def test_reconciliation_corrects_the_reserved_tokens(valkey: EmbeddedValkey) -> None:
+async def test_reconciliation_corrects_the_reserved_tokens(
+    valkey: EmbeddedValkey, jobs: MakeJobs
+) -> None:
     tpm = 60_000
     settings = budget_settings(
         valkey, None, {"fake/*": BudgetLimit(tpm=tpm)}, completion_tokens=1000
     )
+    taken = jobs(settings)
     per_token_ms = MINUTE_MS / (tpm * (1 - settings.budget.headroom))
     request = GenerateRequest(prompt="x" * 400)  # estimate: 400 / 4 + 1000 = 1100 tokens
     capped = GenerateRequest(prompt="x" * 400, options=GenerateOptions(max_tokens=300))
     async with RateBudget(settings) as budget:
-        ticket = await budget.admit(StubJob("j1"), "fake", "m", request)  # type: ignore[arg-type]
+        ticket = await budget.admit(await taken.take(), "fake", "m", request)
         assert ticket.tokens == 1100
         reserved = await token_time(settings, "m")
         used = Usage(prompt_tokens=90, completion_tokens=40, total_tokens=130)
@@ -167,7 +150,7 @@ async def test_reconciliation_corrects_the_reserved_tokens(valkey: EmbeddedValke
         # Without maxTokens the real completion is charged: 90 + 40 = 130, 970 given back.
         assert abs((reserved - corrected) - 970 * per_token_ms) < 1.0
 
-        ticket = await budget.admit(StubJob("j2"), "fake", "n", capped)  # type: ignore[arg-type]
+        ticket = await budget.admit(await taken.take(), "fake", "n", capped)
         assert ticket.tokens == 400
         reserved = await token_time(settings, "n")
         used = Usage(prompt_tokens=150, completion_tokens=20, total_tokens=170)
@@ -177,27 +160,28 @@ async def test_reconciliation_corrects_the_reserved_tokens(valkey: EmbeddedValke
         assert abs((corrected - reserved) - 50 * per_token_ms) < 1.0
 
 
-async def test_a_429_cools_the_model_down_for_every_worker(valkey: EmbeddedValkey) -> None:
+async def test_a_429_cools_the_model_down_for_every_worker(
+    valkey: EmbeddedValkey, jobs: MakeJobs
+) -> None:
     settings = budget_settings(valkey, None, {"fake/*": BudgetLimit(rpm=6000)})
+    taken = jobs(settings)
     request = GenerateRequest(prompt="hello")
     async with RateBudget(settings) as one, RateBudget(settings) as other:
-        ticket = await one.admit(StubJob("a"), "fake", "m", request)  # type: ignore[arg-type]
-        hit = StubJob("a")
+        hit = await taken.take()
+        ticket = await one.admit(hit, "fake", "m", request)
         before = int(time.time() * 1000)
         limited = ProviderRateLimited("429", retry_after=2.0)
-        with contextlib.suppress(JobDeferred):
-            await one.rate_limited(hit, ticket, limited)  # type: ignore[arg-type]
-        assert hit.deferred_until is not None and hit.deferred_until >= before + 2000
-        waiting = StubJob("b")
-        with contextlib.suppress(JobDeferred):
-            await other.admit(waiting, "fake", "m", request)  # type: ignore[arg-type]
+        hit_until = await taken.deferred(one.rate_limited(hit, ticket, limited), hit)
+        assert hit_until is not None and hit_until >= before + 2000
+        waiting = await taken.take()
+        waiting_until = await taken.deferred(other.admit(waiting, "fake", "m", request), waiting)
         # The other worker's job waits for the cooldown too, instead of calling the provider.
-        assert waiting.deferred_until is not None
-        assert waiting.deferred_until >= hit.deferred_until
+        assert waiting_until is not None
+        assert waiting_until >= hit_until
 
 
 async def test_limits_are_learned_from_the_provider_headers(
-    valkey: EmbeddedValkey, simulator: Simulator, start_worker: WorkerFactory
+    valkey: EmbeddedValkey, simulator: Simulator, start_worker: WorkerFactory, jobs: MakeJobs
 ) -> None:
     simulator.config.rpm, simulator.config.tpm = 600, 100_000
     settings = budget_settings(valkey, simulator, {})
@@ -206,6 +190,7 @@ async def test_limits_are_learned_from_the_provider_headers(
         assert (await api.wait(await api.submit("learn"), timeout_s=10))["status"] == "completed"
     # Another worker, which never called the model, is charged against the learned limits.
     async with RateBudget(settings) as other:
-        ticket = await other.admit(StubJob("o"), "openai", MODEL, GenerateRequest(prompt="hi"))  # type: ignore[arg-type]
+        job = await jobs(settings).take()
+        ticket = await other.admit(job, "openai", MODEL, GenerateRequest(prompt="hi"))
     assert (ticket.limits.requests, ticket.limits.tokens) == (600, 100_000)
     assert other.limits_for("openai", MODEL) == ticket.limits

@@ -79,6 +79,7 @@ async def test_the_api_stays_responsive_while_four_local_jobs_run(
             break
         await asyncio.sleep(0.05)
     latencies: list[float] = []
+    started_all = time.perf_counter()
     while True:
         for path in ("/healthz", f"/api/ai/status/{ids[-1]}"):
             started = time.perf_counter()
@@ -89,16 +90,17 @@ async def test_the_api_stays_responsive_while_four_local_jobs_run(
         if all(v["status"] == "completed" for v in views):
             break
         await asyncio.sleep(0.02)
+    took = time.perf_counter() - started_all
     latencies.sort()
     p95, slowest = latencies[int(len(latencies) * 0.95)], latencies[-1]
     print(
-        f"\n/healthz and status while the model ran: "
+        f"\n/healthz and status while the model ran for {took:.1f} s: "
         f"p95 {p95 * 1000:.1f} ms, max {slowest * 1000:.1f} ms"
     )
-    # Generation on the event loop would stall every answer for seconds. A shared 2-core CI
-    # machine can delay any one answer past 100 ms, so the bound is on the 95th percentile.
-    assert p95 < 0.1
-    assert slowest < 0.5
+    # Generation blocking the API would stall an answer for a whole generation (about a
+    # quarter of `took`, four jobs on one model process). The bound is relative to the time
+    # measured here, so other load on the machine slows both sides alike.
+    assert slowest < took / 8, f"an answer took {slowest:.2f} s of {took:.2f} s"
 
 
 async def test_up_serves_the_local_model_with_no_keys(tmp_path: Path) -> None:
@@ -186,16 +188,19 @@ async def test_a_model_process_segfault_mid_generation_is_retried_and_the_api_ke
     await asyncio.sleep(0.5)  # well into generating (160 tokens take 5 s or more here)
     os.kill(first_pid, signal.SIGSEGV)
 
+    polling_from = time.perf_counter()
     view, latencies = await poll_until_finished(api, job_id)
+    took = time.perf_counter() - polling_from
     assert view["status"] == "completed", view
     assert view["attempts"] == 2
     record = (await api.client.get(f"/api/ai/jobs/{job_id}")).json()
     first_try = record["attempts"][0]["error"]
     assert first_try["code"] == "local_model_crashed" and first_try["retryable"]
     assert "SIGSEGV" in first_try["message"]
-    latencies.sort()
-    p99 = latencies[int(len(latencies) * 0.99)]
-    assert p99 < 0.1, f"/healthz and status p99 {p99 * 1000:.0f} ms"
+    # The crash and the restart never stall the API for a generation's length (relative to
+    # the time measured here, so other load on the machine slows both sides alike).
+    slowest = max(latencies)
+    assert slowest < took / 8, f"an answer took {slowest:.2f} s of {took:.2f} s"
 
     # A new model process serves the next job.
     (second_pid,) = local.pool().pids()

@@ -116,9 +116,10 @@ REFUSED: list[tuple[str, dict[str, str], bytes, int, str]] = [
     ("raw NUL inside a string", JSON, b'{"prompt":"a\x00b"}', 400, "invalid_json"),
     ("raw NUL bytes only", JSON, b"\x00" * 64, 400, "invalid_json"),
     ("raw NUL after the JSON", JSON, b'{"prompt":"x"}\x00', 400, "invalid_json"),
-    ("JSON body sent as text/plain", PLAIN_TEXT, b'{"prompt":"x"}', 422, "invalid_body"),
-    ("form-encoded body", FORM, b"prompt=x", 422, "invalid_body"),
-    ("no content type", {}, b'{"prompt":"x"}', 422, "invalid_body"),
+    # Not sent as JSON: 415, on purpose (text/plain needs no CORS preflight from a web page).
+    ("JSON body sent as text/plain", PLAIN_TEXT, b'{"prompt":"x"}', 415, "unsupported_media_type"),
+    ("form-encoded body", FORM, b"prompt=x", 415, "unsupported_media_type"),
+    ("no content type", {}, b'{"prompt":"x"}', 415, "unsupported_media_type"),
     ("temperature 1e400", JSON, with_options(b'{"temperature":1e400}'), 422, "invalid_value"),
     ("temperature 10**1000", JSON, huge("temperature"), 422, "invalid_value"),
     ("maxTokens 10**1000", JSON, huge("maxTokens"), 422, "invalid_value"),

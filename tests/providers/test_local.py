@@ -293,19 +293,21 @@ async def test_the_event_loop_stays_free_while_the_model_generates(chat: BaseCha
 
     prompts = ["Name a colour.", "Name a fruit.", "Name a planet.", "Name an animal."]
     ticker = asyncio.create_task(tick())
+    started = time.perf_counter()
     try:
         answers = await asyncio.gather(
             *(ask(chat, [HumanMessage(p)], temperature=0.7, max_tokens=24) for p in prompts)
         )
     finally:
         ticker.cancel()
+    took = time.perf_counter() - started
     assert all(a.usage_metadata and a.usage_metadata["output_tokens"] > 0 for a in answers)
     assert len(latencies) > 20, "the ticker ran during generation"
-    # On the loop, each generation would block it for a second or more. The limits leave room
-    # for OS scheduling on a busy 2-core box (an idle loop alone lagged up to 50 ms there).
-    latencies.sort()
-    p99, worst = latencies[int(len(latencies) * 0.99)], latencies[-1]
-    assert p99 < 0.1 and worst < 0.5, f"loop lag p99 {p99 * 1000:.0f} ms, max {worst * 1000:.0f} ms"
+    # On the loop, the four generations would block it in turn, each for about a quarter of
+    # `took`. The bound is relative to the generation time measured here, not an absolute
+    # figure, so a machine slowed by other load slows both sides alike.
+    worst = max(latencies)
+    assert worst < took / 8, f"loop lag up to {worst:.2f} s while generating for {took:.2f} s"
 
 
 async def test_cancelling_the_caller_stops_the_generation(chat: BaseChatModel) -> None:

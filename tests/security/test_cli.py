@@ -100,11 +100,18 @@ async def test_bad_arguments_fail_with_a_message(settings: Settings) -> None:
     cases = [
         (("--tenant", "acme", "--name", "x", "--scopes", "root"), "unknown scope"),
         (("--tenant", "no spaces", "--name", "x"), "tenant"),
-        (("--tenant", "acme", "--name", "x", "--expires-in-days", "0"), "expires"),
     ]
-    runs = [asyncio.to_thread(keys, settings, "create", *args) for args, _ in cases]
-    for done, (_, says) in zip(await asyncio.gather(*runs), cases, strict=True):
-        assert done.returncode == 1
+    usage = [  # refused by the argument parser: exit code 2, one line
+        (("--tenant", "acme", "--name", "x", "--expires-in-days", "0"), "--expires-in-days"),
+        (("--tenant", "acme", "--name", "x", "--expires-in-days", "1e9"), "36500"),
+        (("--tenant", "acme", "--name", "x", "--expires-in-days", "nan"), "'nan'"),
+        (("--tenant", "acme", "--name", "x", "--expires-in-days", "soon"), "'soon'"),
+    ]
+    runs = [asyncio.to_thread(keys, settings, "create", *args) for args, _ in cases + usage]
+    done_all = await asyncio.gather(*runs)
+    for done, (args, says) in zip(done_all, cases + usage, strict=True):
+        assert done.returncode == (1 if (args, says) in cases else 2), done.stderr
         assert says in done.stderr
         assert "Traceback" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert listed(settings) == []

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
 import pytest
+import uvicorn
 from fastapi import FastAPI
 
 from flow_api.api.app import create_app
-from flow_api.embedded import EmbeddedValkey
+from flow_api.embedded import EmbeddedValkey, free_port
 from flow_api.settings import AuthSettings
 from tests.security.conftest import KeyMaker
 from tests.support import Api, make_settings
@@ -46,10 +48,12 @@ async def test_every_api_answer_carries_the_security_headers(api: Api, caller: K
         await reader.post("/api/ai/generate", {"prompt": "hi"}),  # 403
         await client.post("/api/ai/generate", json={"prompt": "hi"}),  # 401
         await client.post(
-            "/api/ai/generate", content=b"x" * (api.settings.api.max_body_bytes + 1)
-        ),  # 413, from the body-size middleware
+            "/api/ai/generate",
+            content=b"x" * (api.settings.api.max_body_bytes + 1),
+            headers=acme.headers,
+        ),  # 413, from the body-size middleware (without a key: 401 first)
         await client.get("/no/such/route"),  # 404
-        await client.put("/api/ai/generate"),  # 405
+        await client.put("/api/ai/generate", headers=acme.headers),  # 405
         await client.get("/healthz"),
         await client.get("/openapi.json"),
     ]
@@ -70,16 +74,28 @@ async def test_docs_get_a_csp_that_allows_what_they_load(api: Api, path: str) ->
 
 @asynccontextmanager
 async def serving(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    """In-process client; the lifespan runs, and app errors become answers (not exceptions)."""
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://localhost") as client,
-    ):
-        yield client
+    """`app` served by uvicorn on a loopback port, as `flow-api api` serves it (uvloop,
+    httptools), and a client talking real HTTP to it."""
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_config=None
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            assert not task.done(), "the server stopped during start-up"
+            await asyncio.sleep(0.01)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            yield client
+    finally:
+        server.should_exit = True
+        await task
 
 
 async def test_an_unexpected_500_is_json_and_secured(valkey: EmbeddedValkey) -> None:
+    # A route that fails in a way nothing anticipates: the only way to meet an unexpected
+    # error on purpose. Everything else is the production app, over real HTTP.
     app = create_app(make_settings(valkey.url))
 
     @app.get("/boom")

@@ -12,7 +12,7 @@ import pytest
 from flow_api.auth.api_keys import ApiKeyStore
 from flow_api.embedded import EmbeddedValkey
 from flow_api.keys import token_quota_key
-from flow_api.settings import AuthSettings, Settings
+from flow_api.settings import AuthSettings, BudgetLimit, Settings
 from flow_api.testing.simulator import Simulator
 from flow_api.worker import FlowWorker
 from tests.security.conftest import Caller, KeyMaker, simulated_settings
@@ -40,6 +40,18 @@ async def ledger(store: ApiKeyStore, settings: Settings, caller: Caller) -> int:
     window = int(time.time() // settings.auth.quota_window_s)
     key = token_quota_key(settings.redis.queue_name, caller.record.id, window)
     return int(await store.redis.get(key) or 0)
+
+
+async def jobs_in_queue(store: ApiKeyStore, settings: Settings) -> int:
+    """Every job of the queue in any BullMQ state (each is in exactly one of these)."""
+    prefix = f"{settings.redis.prefix}:{settings.redis.queue_name}"
+    redis = store.redis
+    lists = [await redis.llen(f"{prefix}:{name}") for name in ("wait", "active", "paused")]
+    sets = [
+        await redis.zcard(f"{prefix}:{name}")
+        for name in ("delayed", "prioritized", "completed", "failed", "waiting-children")
+    ]
+    return sum(lists) + sum(sets)
 
 
 @pytest.mark.parametrize("auth_settings", [RATE], indirect=True)
@@ -100,13 +112,15 @@ async def test_quota_refusal_makes_no_provider_call_and_usage_is_settled(
     too_big = await acme.post("/api/ai/generate", {"prompt": "x", "options": {"maxTokens": 500}})
     assert_429(too_big, "quota_exhausted", 3600)
     assert "more than the key's whole quota" in too_big.json()["error"]["message"]
-    await asyncio.sleep(0.5)  # a worker is running: give a wrongly queued job time to run
-    assert simulator.stats.requests == calls
-    assert await ledger(store, settings, acme) == used
+    assert await ledger(store, settings, acme) == used  # the refusals reserved nothing
 
     # What is left still fits a smaller request, and other keys have their own quota.
     job_id = await acme.submit("one two", maxTokens=50)
     assert (await acme.wait(job_id))["status"] == "completed"
+    # Nothing was queued for the refused submits: the queue holds the two accepted jobs only,
+    # and the provider saw one more call (this one), not a wrongly queued job's.
+    assert await jobs_in_queue(store, settings) == 2
+    assert simulator.stats.requests == calls + 1
     globex = await caller("globex")
     await globex.submit("one two", maxTokens=70)
 
@@ -126,10 +140,76 @@ async def test_a_failed_job_is_refunded(
 
 @pytest.mark.parametrize("auth_settings", [SHORT_QUOTA], indirect=True)
 async def test_quota_recovers_in_the_next_window(caller: KeyMaker) -> None:
-    acme = await caller("acme")
-    await asyncio.sleep(2 - time.time() % 2 + 0.05)  # start at the beginning of a window
-    await acme.submit("x", maxTokens=70)
-    refused = await acme.post("/api/ai/generate", {"prompt": "x", "options": {"maxTokens": 70}})
-    wait = assert_429(refused, "quota_exhausted", 2)
+    window_s = SHORT_QUOTA.quota_window_s
+    for _ in range(5):  # a fresh key each time: both submits must fall in one window
+        acme = await caller("acme")
+        await asyncio.sleep(window_s - time.time() % window_s + 0.05)  # a window's start
+        window = time.time() // window_s
+        await acme.submit("x", maxTokens=70)
+        refused = await acme.post("/api/ai/generate", {"prompt": "x", "options": {"maxTokens": 70}})
+        if time.time() // window_s == window:
+            break  # (on a stalled machine the window can end between the two: try again)
+    else:
+        pytest.fail("never two submits within one quota window")
+    wait = assert_429(refused, "quota_exhausted", window_s)
     await asyncio.sleep(wait + 0.05)
     await acme.submit("x", maxTokens=70)
+
+
+@pytest.mark.parametrize("auth_settings", [QUOTA], indirect=True)
+async def test_cancelling_a_job_waiting_for_budget_refunds_its_tokens(
+    caller: KeyMaker,
+    start_worker: WorkerFactory,
+    store: ApiKeyStore,
+    settings: Settings,
+    simulator: Simulator,
+) -> None:
+    # One call a minute for the model: the second job is put back in BullMQ's delayed set to
+    # wait for the budget (no attempt spent), and cancelled there.
+    paced = settings.model_copy(deep=True)  # the running API keeps its own settings
+    paced.budget.limits = {"openai/*": BudgetLimit(rpm=1)}
+    await start_worker(paced)
+    acme = await caller("acme")
+    first = await acme.submit("one two", maxTokens=20)
+    assert (await acme.wait(first))["status"] == "completed"
+    used = await ledger(store, settings, acme)
+    waiting = await acme.submit("one two", maxTokens=20)
+    assert await ledger(store, settings, acme) > used  # reserved at submit
+    delayed = f"{settings.redis.prefix}:{settings.redis.queue_name}:delayed"
+    deadline = time.monotonic() + 20
+    while await store.redis.zscore(delayed, waiting) is None:
+        assert time.monotonic() < deadline, "the job was never put back to wait for budget"
+        await asyncio.sleep(0.05)
+    answer = await acme.post(f"/api/ai/jobs/{waiting}/cancel")
+    assert answer.status_code == 200, answer.text
+    status = await acme.wait(waiting)
+    assert status["status"] == "cancelled", status
+    # The worker that takes the promoted job ends it without a call and gives back its tokens.
+    deadline = time.monotonic() + 20
+    while await ledger(store, settings, acme) != used:
+        assert time.monotonic() < deadline, "the cancelled job's tokens were never given back"
+        await asyncio.sleep(0.05)
+    assert simulator.stats.requests == 1  # no call for the cancelled job
+
+
+@pytest.mark.parametrize("auth_settings", [QUOTA], indirect=True)
+async def test_an_expired_job_is_refunded(
+    caller: KeyMaker,
+    start_worker: WorkerFactory,
+    store: ApiKeyStore,
+    settings: Settings,
+    simulator: Simulator,
+) -> None:
+    acme = await caller("acme")
+    job_id = await acme.submit("one two", maxTokens=70, startWithinMs=100)
+    assert await ledger(store, settings, acme) > 70  # reserved at submit
+    await asyncio.sleep(0.2)  # no worker yet: the start deadline passes
+    await start_worker(settings)
+    # The API answers `expired` as soon as the deadline has passed; the worker that takes the
+    # job then ends it (no call) and gives its reservation back.
+    assert (await acme.wait(job_id))["status"] == "expired"
+    deadline = time.monotonic() + 20
+    while await ledger(store, settings, acme) != 0:
+        assert time.monotonic() < deadline, "the expired job's tokens were never given back"
+        await asyncio.sleep(0.05)
+    assert simulator.stats.requests == 0

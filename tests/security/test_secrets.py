@@ -116,10 +116,12 @@ async def test_no_key_in_answers_or_redis_and_no_prompt_in_info_logs(
     assert secrets_in(logged, PROVIDER_KEY, acme.key, PROMPT_MARK) == []
 
 
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
 async def test_processes_log_no_key_and_no_prompt(
-    settings: Settings, simulator: Simulator, store: ApiKeyStore, raw_redis: Redis
+    settings: Settings, simulator: Simulator, store: ApiKeyStore, raw_redis: Redis, level: str
 ) -> None:
-    """`flow-api api` and `flow-api worker` as real processes, keys from the environment."""
+    """`flow-api api` and `flow-api worker` as real processes, keys from the environment; at
+    DEBUG too (the SDKs' own debug logs quote request bodies and headers)."""
     port = free_port()
     env = {
         "FLOW_REDIS_URL": settings.redis.url,
@@ -133,7 +135,7 @@ async def test_processes_log_no_key_and_no_prompt(
         "OPENAI_BASE_URL": simulator.base_url,
         "FLOW_OPENAI_MODEL": "gpt-sim",
         "FLOW_WORKER_BACKOFF_BASE_MS": "50",
-        "FLOW_LOG_LEVEL": "INFO",
+        "FLOW_LOG_LEVEL": level,
     }
     _, key = await store.create("acme", "canary", frozenset({Scope.SUBMIT, Scope.READ}))
     api = flow_api("api", env=env)
@@ -166,6 +168,8 @@ async def test_processes_log_no_key_and_no_prompt(
             outputs.append(stop(process)[1])
     output = "\n".join(outputs)
     assert "worker consuming queue" in output and "authentication on" in output
+    if level == "DEBUG":
+        assert " DEBUG " in output  # the level took effect: debug lines were searched too
     assert secrets_in(output, PROVIDER_KEY, key, PROMPT_MARK) == []
     stored = await everything_stored(raw_redis)
     assert PROMPT_MARK.encode() in stored
@@ -185,3 +189,105 @@ def test_provider_errors_that_quote_a_key_are_scrubbed() -> None:
     assert redact_secrets("Authorization: Bearer flow_abc.def") == "Authorization: [redacted]"
     assert redact_secrets(f"key {PROVIDER_KEY}!") == "key [redacted]!"
     assert redact_secrets("job 3f0c9a1b and sk-") == "job 3f0c9a1b and sk-"
+    for harmless in ("waited 3 times (FLOW_BUDGET_MAX_DEFERRALS)", "max_tokens: 5", "tokens=9"):
+        assert redact_secrets(harmless) == harmless  # setting names and counts stay readable
+    assert redact_secrets("http://u:pw@h/x?api-key=k&n=1") == (
+        "http://u:[redacted]@h/x?api-key=[redacted]&n=1"
+    )
+
+
+GATEWAY_PASSWORD = f"gw-pass-{uuid.uuid4().hex}"
+PARAM_SECRET = f"param-{uuid.uuid4().hex}"
+GATEWAY_NOTE = (
+    f"(relayed by http://relay:{GATEWAY_PASSWORD}@10.0.0.5:8080/v1?api-key={PARAM_SECRET}, "
+    f"upstream key {PROVIDER_KEY})"
+)
+SECRETS = (GATEWAY_PASSWORD, PARAM_SECRET, PROVIDER_KEY)
+
+
+async def test_secrets_quoted_in_provider_errors_reach_no_job_history_or_log(
+    caller: KeyMaker,
+    worker: FlowWorker,
+    simulator: Simulator,
+    raw_redis: Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A gateway in front of the provider quotes its own URL (with a password and a key
+    parameter) and the provider key in every error: through each error branch (5xx, 4xx, too
+    long a context, content filter), none of it is stored, answered or logged."""
+    caplog.set_level(logging.DEBUG)
+    simulator.config.error_note = GATEWAY_NOTE
+    acme = await caller("acme")
+    steps = ["500", "400", "ctx", "filter"]
+    job_ids = [
+        await acme.submit(f"[[sim:note-{uuid.uuid4().hex[:8]}:{step}]] hi") for step in steps
+    ]
+    answers: list[bytes] = []
+    codes = []
+    for job_id in job_ids:
+        assert (await acme.wait(job_id))["status"] == "failed"
+        record = await acme.get(f"/api/ai/jobs/{job_id}")
+        codes.append(record.json()["error"]["code"])
+        for answer in (record, await acme.get(f"/api/ai/result/{job_id}")):
+            answers.append(answer.content)
+    assert codes == [
+        "provider_unavailable",
+        "provider_rejected",
+        "context_too_long",
+        "content_filtered",
+    ]
+    assert b"relay:[redacted]@10.0.0.5" in b"\n".join(answers)  # the note did come through
+    assert secrets_in(b"\n".join(answers), *SECRETS) == []
+    assert secrets_in(await everything_stored(raw_redis), *SECRETS) == []
+    logged = "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
+    assert secrets_in(logged, *SECRETS) == []
+
+
+def test_connection_and_unexpected_provider_errors_are_scrubbed() -> None:
+    """The branches that pass an exception's own text on (a connection error, an error LangChain
+    raised for a too-long context, an unmapped exception) scrub it too."""
+    import anthropic
+    from langchain_core.exceptions import ContextOverflowError
+
+    request = httpx.Request("POST", "https://gateway.example/v1/chat/completions")
+    text = f"cannot reach {GATEWAY_NOTE}"
+    for sdk in (openai, anthropic):
+        error = sdk.APIConnectionError(message=text, request=request)
+        mapped = map_sdk_error(error, sdk)
+        assert mapped is not None and mapped.code == "provider_unavailable"
+        assert secrets_in(mapped.message, *SECRETS) == [], mapped.message
+    context = map_sdk_error(ContextOverflowError(text), openai)
+    assert context is not None and context.code == "context_too_long"
+    assert secrets_in(context.message, *SECRETS) == [], context.message
+
+
+async def test_an_unmapped_provider_exception_is_scrubbed() -> None:
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.outputs import ChatResult
+
+    from flow_api.errors import ProviderError
+    from flow_api.models import GenerateRequest
+    from flow_api.pipeline import generate
+    from flow_api.providers.base import Provider
+
+    class Broken(BaseChatModel):
+        @property
+        def _llm_type(self) -> str:
+            return "broken"
+
+        def _generate(self, *args: object, **kwargs: object) -> ChatResult:
+            raise NotImplementedError
+
+        async def _agenerate(self, *args: object, **kwargs: object) -> ChatResult:
+            raise RuntimeError(f"transport failed {GATEWAY_NOTE}")
+
+    class BrokenProvider(Provider):
+        name = "fake"
+
+        def build(self, model: str) -> BaseChatModel:
+            return Broken()
+
+    with pytest.raises(ProviderError) as raised:
+        await generate(BrokenProvider("m"), "m", GenerateRequest(prompt="hi"))
+    assert "unexpected provider failure: RuntimeError" in raised.value.message
+    assert secrets_in(raised.value.message, *SECRETS) == [], raised.value.message

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import subprocess
+from pathlib import Path
 
 import httpx
 import pytest
@@ -46,6 +47,48 @@ def test_api_beyond_loopback_without_auth_refuses_to_start(valkey: EmbeddedValke
     assert "refusing to serve on 0.0.0.0 without authentication" in output
     assert "FLOW_AUTH_ENABLED=true" in output and "FLOW_AUTH_ALLOW_UNAUTHENTICATED=true" in output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    ("args", "host_env"),
+    [
+        (("api", "--host", "0.0.0.0"), "127.0.0.1"),
+        (("api", "--reload", "--host", "0.0.0.0"), "127.0.0.1"),
+        (("api", "--reload"), "0.0.0.0"),
+        (("up", "--data-dir", "{tmp}"), "0.0.0.0"),
+    ],
+    ids=["api --host", "api --reload --host", "api --reload, host from env", "up, host from env"],
+)
+def test_every_way_of_binding_beyond_loopback_meets_the_guard(
+    valkey: EmbeddedValkey, tmp_path: Path, args: tuple[str, ...], host_env: str
+) -> None:
+    argv = [arg.format(tmp=tmp_path / "data") for arg in args]
+    process = flow_api(*argv, env=api_env(valkey, free_port(), FLOW_API_HOST=host_env))
+    try:
+        process.wait(30)  # it stops by itself, before serving anything
+    except subprocess.TimeoutExpired:
+        stop(process)
+        pytest.fail(f"`flow-api {' '.join(argv)}` served on 0.0.0.0 without authentication")
+    code, output = stop(process)
+    assert code == 2, output
+    assert "refusing to serve on 0.0.0.0 without authentication" in output
+    assert "Traceback" not in output
+    assert not (tmp_path / "data" / "appendonlydir").exists()  # `up` started no Valkey
+
+
+async def test_reload_beyond_loopback_serves_with_auth_on_the_address_it_checked(
+    valkey: EmbeddedValkey,
+) -> None:
+    port = free_port()
+    env = api_env(valkey, port, FLOW_API_HOST="127.0.0.1", FLOW_AUTH_ENABLED="true")
+    process = flow_api("api", "--reload", "--host", "0.0.0.0", "--port", str(port), env=env)
+    try:
+        answer = await wait_until_serving(port, process)
+        assert answer.status_code == 401  # the reloaded app has authentication on
+    finally:
+        code, output = stop(process)
+    assert code == 0, output
+    assert "authentication on" in output and "Traceback" not in output, output
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from flow_api.api.auth import AuthenticateFirst
 from flow_api.api.errors import install_error_handlers
 from flow_api.api.limits import BodySizeLimit
 from flow_api.api.routes import generate, health, jobs
@@ -15,6 +16,7 @@ from flow_api.auth.access import AccessControl
 from flow_api.auth.exposure import check_exposure
 from flow_api.idempotency import IdempotencyStore
 from flow_api.providers import ProviderRegistry, build_registry
+from flow_api.queue.admission import Admission
 from flow_api.queue.producer import job_queue
 from flow_api.queue.store import JobStore
 from flow_api.settings import Settings
@@ -32,6 +34,7 @@ def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> 
             app.state.settings = settings
             app.state.queue = queue
             app.state.store = JobStore(queue)
+            app.state.admission = Admission(queue, settings.admission)
             app.state.registry = providers
             app.state.idempotency = IdempotencyStore(
                 queue.redis, settings.redis.queue_name, settings.api.idempotency_ttl_s
@@ -50,7 +53,12 @@ def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> 
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.api.max_body_bytes,
+        timeout_s=settings.api.body_timeout_s,
+    )
+    app.add_middleware(AuthenticateFirst)  # outside the body limit: a 401 reads no body
     install_security(app, settings.auth, allowed_hosts(settings))
     for module in (generate, jobs, health):
         app.include_router(module.router)

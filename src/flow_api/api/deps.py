@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 
 from flow_api.idempotency import IdempotencyStore
 from flow_api.providers import ProviderRegistry
+from flow_api.queue.admission import Admission
 from flow_api.queue.producer import JobQueue
 from flow_api.queue.store import JobStore
 from flow_api.settings import Settings
@@ -32,4 +33,5 @@ QueueDep = Annotated[JobQueue, Depends(_state("queue"))]
 StoreDep = Annotated[JobStore, Depends(_state("store"))]
 RegistryDep = Annotated[ProviderRegistry, Depends(_state("registry"))]
 SettingsDep = Annotated[Settings, Depends(_state("settings"))]
+AdmissionDep = Annotated[Admission, Depends(_state("admission"))]
 IdempotencyDep = Annotated[IdempotencyStore, Depends(_state("idempotency"))]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,8 +14,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from flow_api.api.security import API_HEADERS
-from flow_api.errors import FlowError
+from flow_api.errors import FlowError, QueueFull
 from flow_api.models import ErrorBody, ErrorPayload
+from flow_api.queue.connection import RedisOutOfMemory, out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +24,7 @@ _HTTP_CODES = {
     400: ("invalid_json", "the body could not be read as UTF-8 JSON"),
     404: ("not_found", "no such endpoint"),
     405: ("method_not_allowed", "this endpoint does not accept that method"),
+    408: ("request_timeout", "the request body did not arrive in time"),
     413: ("payload_too_large", "the request body is too large"),
 }
 
@@ -62,9 +65,21 @@ def _explain(err: dict[str, Any]) -> tuple[str, str]:
     return "invalid_value", f"{field}: {err.get('msg', 'invalid value')}"
 
 
-async def _validation(_: Request, exc: Exception) -> JSONResponse:
+async def _validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
+    first = errors[0] if errors else {}
+    body_sent = first.get("type") != "missing"
+    if body_sent and _field(tuple(first.get("loc", ()))) == "body" and not _json(request):
+        # FastAPI parses JSON only when the Content-Type says JSON; otherwise a body sent is
+        # seen as bytes, "not an object". Accepting JSON sent as text/plain would let any web
+        # page submit jobs to a loopback API without a CORS preflight (a "simple" request).
+        return error_response(
+            415,
+            "unsupported_media_type",
+            "send the body as JSON with `Content-Type: application/json` (this request's "
+            f"Content-Type: {request.headers.get('content-type', 'none')[:100]!r})",
+        )
     code, message = _explain(errors[0]) if errors else ("invalid_request", "invalid request")
     status = 400 if code in ("invalid_json",) else 422
     details = [
@@ -80,26 +95,56 @@ async def _validation(_: Request, exc: Exception) -> JSONResponse:
 
 async def _flow(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, FlowError)
-    if exc.status >= 500:
+    return flow_error_response(exc)
+
+
+def flow_error_response(exc: FlowError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """The answer for a domain error, with the headers it carries (and any in `headers`)."""
+    if isinstance(exc, QueueFull):  # admission logs when it closes and reopens, with counts
+        log.debug("%s: %s", exc.code, exc.message)
+    elif exc.status >= 500:
         log.warning("%s: %s", exc.code, exc.message)
-    headers = {"Retry-After": "1"} if exc.status == 503 else {}
-    headers.update(exc.headers())  # Retry-After of a 429, WWW-Authenticate of a 401
-    return error_response(
-        exc.status,
-        exc.code,
-        exc.message,
-        headers=headers,
-        extra={"field": exc.field} if exc.field else None,
-    )
+    sent = {"Retry-After": "1"} if exc.status == 503 else {}
+    sent.update(exc.headers())  # Retry-After of a 429, WWW-Authenticate of a 401
+    sent.update(headers or {})
+    extra = {k: v for k, v in exc.to_dict().items() if k not in ("code", "message")}
+    return error_response(exc.status, exc.code, exc.message, headers=sent, extra=extra or None)
+
+
+async def _out_of_memory(request: Request, exc: Exception) -> JSONResponse:
+    # A Redis write refused for memory anywhere in a request (the job, a quota, an idempotency
+    # key): the same 503 `queue_full` admission control gives, never an "unexpected error".
+    return await _flow(request, out_of_memory())
 
 
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code, message = _HTTP_CODES.get(exc.status_code, ("http_error", str(exc.detail)))
+    if exc.status_code == 400 and _number_too_long(exc.__cause__):
+        message = (
+            "the body has a number too long to read: integers may have at most "
+            f"{sys.get_int_max_str_digits()} digits (and fields have far smaller limits)"
+        )
+    elif exc.status_code == 408:
+        message = str(exc.detail)
     headers = exc.headers
     if exc.status_code == 405:  # Starlette names only the first matching route's methods
         headers = {"Allow": ", ".join(_allowed_methods(request))}
     return error_response(exc.status_code, code, message, headers=headers)
+
+
+def _json(request: Request) -> bool:
+    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (
+        kind.startswith("application/") and kind.endswith("+json")
+    )
+
+
+def _number_too_long(cause: BaseException | None) -> bool:
+    # FastAPI turns every error of `json.loads` other than a syntax error into a bare 400 (the
+    # cause kept). Besides bytes that are not UTF-8, the one ValueError it raises on valid JSON
+    # is an integer past Python's digit limit (CVE-2020-10735's guard).
+    return isinstance(cause, ValueError) and not isinstance(cause, UnicodeDecodeError)
 
 
 def _allowed_methods(request: Request) -> list[str]:
@@ -123,5 +168,6 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(FlowError, _flow)
+    app.add_exception_handler(RedisOutOfMemory, _out_of_memory)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(Exception, _unexpected)

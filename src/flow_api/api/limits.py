@@ -1,6 +1,14 @@
-"""A pure-ASGI body size limit: 413 before the body is parsed, whether or not it is chunked."""
+"""Pure-ASGI limits on a request body: a size (413 before the body is parsed, whether or not it
+is chunked) and a time to receive it all (408).
+
+uvicorn has no body read timeout (`timeout_keep_alive` only applies between requests): a client
+that sends the headers and half a body held a connection, and the request's task, for as long
+as it liked. Here the whole body must arrive within `timeout_s` of the first read.
+"""
 
 from __future__ import annotations
+
+import asyncio
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -9,9 +17,10 @@ from flow_api.api.errors import error_response
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -22,14 +31,31 @@ class BodySizeLimit:
             await self._reject(scope, receive, send)
             return
         seen = 0
+        complete = False
+        deadline: float | None = None
 
         async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete, deadline
+            if complete:  # past the body: a wait for the disconnect, not for the body
+                return await receive()
+            loop = asyncio.get_running_loop()
+            deadline = deadline or loop.time() + self.timeout_s
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise _TooSlow(
+                    408,
+                    f"the request body did not arrive within {self.timeout_s:g} s",
+                    headers={"Connection": "close"},
+                ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     raise _TooLarge(413)
+                complete = not message.get("more_body", False)
+            else:
+                complete = True
             return message
 
         try:
@@ -46,3 +72,7 @@ class BodySizeLimit:
 
 class _TooLarge(HTTPException):
     """An HTTPException, so FastAPI's body reader passes it on instead of making it a 400."""
+
+
+class _TooSlow(HTTPException):
+    """408 `request_timeout` (see `api/errors.py`); it closes the connection."""

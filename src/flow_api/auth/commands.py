@@ -21,6 +21,20 @@ from flow_api.queue.connection import connect
 from flow_api.settings import Settings
 
 DEFAULT_SCOPES = "submit,read"
+MAX_EXPIRY_DAYS = 36_500
+
+
+def _days(text: str) -> float:
+    """`--expires-in-days`: more than 0, at most `MAX_EXPIRY_DAYS` (a date must follow)."""
+    try:
+        days = float(text)
+    except ValueError:
+        days = float("nan")
+    if not 0 < days <= MAX_EXPIRY_DAYS:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of days from more than 0 to {MAX_EXPIRY_DAYS} (100 years)"
+        )
+    return days
 
 
 def add_commands(sub: Any) -> None:
@@ -35,7 +49,7 @@ def add_commands(sub: Any) -> None:
         default=DEFAULT_SCOPES,
         help=f"comma-separated: submit, read, admin (default {DEFAULT_SCOPES})",
     )
-    create.add_argument("--expires-in-days", type=float, help="default: never")
+    create.add_argument("--expires-in-days", type=_days, help="default: never")
     create.add_argument("--requests-per-minute", type=int, help="default FLOW_AUTH_ setting")
     create.add_argument("--tokens-per-day", type=int, help="default FLOW_AUTH_ setting")
     create.add_argument("--json", action="store_true", help="print the key and record as JSON")
@@ -89,8 +103,6 @@ def _limit(value: int | None, flag: str) -> int | None:
 
 async def _create(store: ApiKeyStore, args: argparse.Namespace) -> int:
     days = args.expires_in_days
-    if days is not None and days <= 0:
-        raise ValueError("--expires-in-days must be more than 0")
     key, plaintext = await store.create(
         args.tenant,
         args.name,

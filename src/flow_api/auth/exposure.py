@@ -32,8 +32,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def refuse_insecure_binding(settings: Settings) -> None:
+    """Raise `InsecureBinding` if serving on `settings.api.host` would expose unauthenticated
+    jobs. Called where the address is bound (`listener.listen`), so every way of choosing it
+    (`--host`, `FLOW_API_HOST`, `--reload`, `up`) meets the same guard."""
+    auth, host = settings.auth, settings.api.host
+    if not (auth.enabled or is_loopback(host) or auth.allow_unauthenticated):
+        raise InsecureBinding(host)
+
+
 def check_exposure(settings: Settings) -> None:
     """Raise `InsecureBinding`, or log how this API authenticates (one line at start-up)."""
+    refuse_insecure_binding(settings)
     auth, host = settings.auth, settings.api.host
     if auth.enabled:
         log.info("authentication on: every API request needs `Authorization: Bearer <key>`")
@@ -44,11 +54,9 @@ def check_exposure(settings: Settings) -> None:
             host,
             DEFAULT_TENANT,
         )
-    elif auth.allow_unauthenticated:
+    else:
         log.warning(
             "authentication off on %s (FLOW_AUTH_ALLOW_UNAUTHENTICATED=true): whoever reaches "
             "this port can submit and read every job",
             host,
         )
-    else:
-        raise InsecureBinding(host)

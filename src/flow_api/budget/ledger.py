@@ -34,9 +34,9 @@ KNOWN_TTL_MS = 3_600_000  # what answers taught is kept an hour past the last an
 PROBE_MS = 2_000  # how long the one probe call holds the others back at most
 PROBE_POLL_MS = 500  # how often jobs held back by a probe look again
 
-# KEYS: budget hash, this job's reservation, known hash, probe.
+# KEYS: budget hash, this job's reservation, known hash, probe, the tenant's come-back time.
 # ARGV: now, 4 configured limits (-1: not configured), 4 charges, share, inline, keep, horizon,
-#       may_defer, probe_ms, poll_ms, known_ttl.
+#       may_defer, probe_ms, poll_ms, known_ttl, the tenant's stride (1 / its weight).
 # Returns {go, start, 4 effective limits, per_char, completion, probe}.
 _BEFORE = """
 local now = tonumber(ARGV[1])
@@ -60,7 +60,7 @@ local function later(at)
   if may_defer == 1 then return answer(0, at) end
   return answer(-1, at)
 end
-local state = redis.call("HMGET", KEYS[1], "r", "t", "i", "o", "cool", "pt")
+local state = redis.call("HMGET", KEYS[1], "r", "t", "i", "o", "cool")
 local cool = tonumber(state[5]) or 0
 local reserved = tonumber(redis.call("GET", KEYS[2]) or "")
 if reserved then
@@ -99,9 +99,13 @@ if start - now > horizon then
   if may_defer == 0 then return answer(-1, start) end
   -- Too far ahead to hold a place (it would be priced with today's estimate): come back about
   -- half a horizon before it, spaced a little tighter than the budget, and reserve then.
-  local wake = math.max(tonumber(state[6]) or 0, start - horizon / 2)
-  redis.call("HSET", KEYS[1], "pt", wake + 0.75 * widest)
-  redis.call("PEXPIRE", KEYS[1], math.ceil(math.max(start, wake) - now + keep))
+  -- Each tenant has its own line of come-back times (KEYS[5]), spaced by its stride (1 /
+  -- weight): returning jobs of every tenant with a backlog interleave, so a tenant whose
+  -- backlog told thousands of jobs to come back does not push another tenant's jobs behind them.
+  local wake = math.max(tonumber(redis.call("GET", KEYS[5]) or "") or 0, start - horizon / 2)
+  local ttl = math.ceil(math.max(start, wake) - now + keep)
+  redis.call("SET", KEYS[5], wake + 0.75 * widest * tonumber(ARGV[18]), "PX", ttl)
+  redis.call("PEXPIRE", KEYS[1], ttl)
   return answer(0, wake)
 end
 if start - now > inline and may_defer == 0 then return answer(-1, start) end

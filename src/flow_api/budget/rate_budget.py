@@ -42,7 +42,13 @@ from flow_api.budget.ledger import (
 )
 from flow_api.errors import FlowError, ProviderRateLimited
 from flow_api.jobs import now_ms
-from flow_api.keys import budget_key, budget_known_key, budget_probe_key, budget_reservation_key
+from flow_api.keys import (
+    budget_key,
+    budget_known_key,
+    budget_probe_key,
+    budget_reservation_key,
+    budget_wake_key,
+)
 from flow_api.models import GenerateRequest, Generation
 from flow_api.providers.ratelimit_headers import RATELIMIT_FIELD
 from flow_api.queue.connection import connect, redis_errors_as_unavailable
@@ -84,6 +90,7 @@ class RateBudget:
     def __init__(self, settings: Settings, redis: Redis | None = None) -> None:
         self.settings: BudgetSettings = settings.budget
         self.queue_name = settings.redis.queue_name
+        self._weights = settings.worker.tenant_weights
         self._redis_settings = settings.redis
         self._pool = redis
         self._redis: Redis | None = None
@@ -278,6 +285,7 @@ class RateBudget:
                     budget_reservation_key(self.queue_name, provider, model, job.id),
                     known,
                     probe,
+                    budget_wake_key(self.queue_name, provider, model, job.data.tenant),
                 ],
                 [
                     now_ms(),
@@ -291,6 +299,7 @@ class RateBudget:
                     PROBE_MS,
                     PROBE_POLL_MS,
                     KNOWN_TTL_MS,
+                    1.0 / self._weights.get(job.data.tenant, 1.0),
                 ],
             )
 

@@ -22,10 +22,10 @@ from flow_api.settings import AnthropicSettings
 class AnthropicProvider(Provider):
     name = "anthropic"
 
-    def __init__(self, settings: AnthropicSettings, timeout_s: float) -> None:
+    def __init__(self, settings: AnthropicSettings, client_timeout_s: float) -> None:
         super().__init__(settings.model, settings.models)
         self.settings = settings
-        self.timeout_s = timeout_s
+        self.client_timeout_s = client_timeout_s  # see `registry.client_timeout_s`
 
     def build(self, model: str) -> BaseChatModel:
         kwargs = {"base_url": self.settings.base_url} if self.settings.base_url else {}
@@ -33,7 +33,7 @@ class AnthropicProvider(Provider):
             model_name=model,
             api_key=self.settings.api_key or anthropic_missing_key(),
             max_retries=0,
-            default_request_timeout=self.timeout_s,
+            default_request_timeout=self.client_timeout_s,
             max_tokens=self.settings.default_max_tokens,
             **kwargs,
         )

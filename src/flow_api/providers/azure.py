@@ -12,10 +12,10 @@ from flow_api.settings import AzureSettings, OpenAISettings
 class AzureProvider(OpenAIProvider):
     name = "azure"
 
-    def __init__(self, settings: AzureSettings, timeout_s: float) -> None:
+    def __init__(self, settings: AzureSettings, client_timeout_s: float) -> None:
         super().__init__(
             OpenAISettings(model=settings.deployment or "gpt-4o-mini", models=settings.models),
-            timeout_s,
+            client_timeout_s,
         )
         self.azure = settings
 
@@ -26,6 +26,6 @@ class AzureProvider(OpenAIProvider):
             api_version=self.azure.api_version,
             api_key=self.azure.api_key,
             max_retries=0,
-            timeout=self.timeout_s,
+            timeout=self.client_timeout_s,
             http_async_client=self.http_client(),
         )

@@ -20,15 +20,15 @@ class OpenAIProvider(Provider):
 
     name = "openai"
 
-    def __init__(self, settings: OpenAISettings, timeout_s: float) -> None:
+    def __init__(self, settings: OpenAISettings, client_timeout_s: float) -> None:
         super().__init__(settings.model, settings.models)
         self.settings = settings
-        self.timeout_s = timeout_s
+        self.client_timeout_s = client_timeout_s  # see `registry.client_timeout_s`
         self._http: openai.DefaultAioHttpClient | None = None
 
     def http_client(self) -> Any:
         if self._http is None:
-            self._http = openai.DefaultAioHttpClient(timeout=self.timeout_s)
+            self._http = openai.DefaultAioHttpClient(timeout=self.client_timeout_s)
         return self._http
 
     def build(self, model: str) -> BaseChatModel:
@@ -38,7 +38,7 @@ class OpenAIProvider(Provider):
             api_key=key if key is not None else None,
             base_url=self.settings.base_url,
             max_retries=0,  # the queue retries, with backoff and a record of each attempt
-            timeout=self.timeout_s,
+            timeout=self.client_timeout_s,
             http_async_client=self.http_client(),
         )
 

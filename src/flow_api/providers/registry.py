@@ -8,11 +8,21 @@ from collections.abc import Iterable
 from flow_api.errors import ProviderNotConfigured
 from flow_api.models import GenerateOptions
 from flow_api.providers.base import Provider
-from flow_api.settings import Settings
+from flow_api.settings import Settings, WorkerSettings
 
 log = logging.getLogger(__name__)
 
 PROVIDER_ORDER = ("openai", "azure", "anthropic", "local", "fake")
+
+CLIENT_TIMEOUT_MARGIN_S = 5.0
+
+
+def client_timeout_s(worker: WorkerSettings) -> float:
+    """The SDK clients' own timeout: longer than any attempt may last, so the attempt's limit
+    (`timeoutMs`, else `FLOW_WORKER_JOB_TIMEOUT_S`, enforced around the call by the worker) is
+    the one that ends a call. Clients built with the worker default cut longer `timeoutMs`
+    calls short, and the retry made a second paid call."""
+    return max(worker.job_timeout_s, worker.max_job_timeout_s) + CLIENT_TIMEOUT_MARGIN_S
 
 
 class ProviderRegistry:
@@ -57,7 +67,7 @@ class ProviderRegistry:
 
 def build_registry(settings: Settings) -> ProviderRegistry:
     """Every provider whose configuration is present, and the fake one when enabled."""
-    timeout = settings.worker.job_timeout_s
+    timeout = client_timeout_s(settings.worker)
     providers: list[Provider] = []
     if settings.openai.api_key is not None or settings.openai.base_url:
         from flow_api.providers.openai import OpenAIProvider

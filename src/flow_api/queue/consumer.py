@@ -30,10 +30,11 @@ from bullmq import DelayedError, Job, UnrecoverableError
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
+from flow_api.errors import FlowError
 from flow_api.jobs import JobData, now_ms
 from flow_api.keys import CANCEL_FIELD, FINISHING_FIELD, STARTED_FIELD, cancel_channel
 from flow_api.queue.connection import REDIS_DOWN
-from flow_api.queue.slot_worker import SlotWorker, pending_logs
+from flow_api.queue.slot_worker import TRIMMED_DATA, SlotWorker, pending_logs
 from flow_api.settings import RedisSettings, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,9 @@ class QueueConsumer:
         if task is not None:
             self._running[handle.id] = (handle, task)
         try:
-            return await self.handler(handle)
+            result = await self.handler(handle)
+            self._trim_once_completed(job)
+            return result
         except JobDeferred:
             raise DelayedError("waiting for rate budget") from None
         except AttemptFailed as failed:
@@ -241,6 +244,19 @@ class QueueConsumer:
             raise
         finally:
             self._running.pop(handle.id, None)
+
+    def _trim_once_completed(self, job: Job) -> None:
+        """Have the finish cut a long prompt from the job's stored data (`JobData.trimmed`)."""
+        keep = self.settings.keep_prompt_chars
+        if not keep:
+            return
+        try:
+            data = JobData.parse(job.data)
+        except FlowError:  # not our envelope: leave it as it is
+            return
+        trimmed = data.trimmed(keep)
+        if trimmed is not data:
+            setattr(job, TRIMMED_DATA, orjson.dumps(trimmed.wire()).decode())
 
     def cancel(self, job_id: str) -> bool:
         """Interrupt the job if this process holds it, once: later cancels of the same attempt

@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import logging
 import re
 import uuid
+from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from bullmq import Queue
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from flow_api.errors import JobNotFound
 from flow_api.jobs import JobData, now_ms
 from flow_api.keys import CANCEL_FIELD, FINISHING_FIELD, cancel_channel
-from flow_api.queue.connection import connect, redis_errors_as_unavailable
+from flow_api.queue.connection import REDIS_DOWN, connect, redis_errors_as_unavailable
+from flow_api.queue.fair_share import FairShare
 from flow_api.settings import RedisSettings, WorkerSettings
+
+log = logging.getLogger(__name__)
+
+_HOLD_FAILURES: tuple[type[BaseException], ...] = (RedisError, *REDIS_DOWN)
 
 JOB_NAME = "generate"
 BACKOFF_TYPE = "flow-jitter"
@@ -94,6 +102,10 @@ class JobQueue:
             {"connection": redis, "prefix": redis_settings.prefix},
         )
         self._flag_cancel = redis.register_script(_FLAG_CANCEL)
+        self.fair_share: FairShare | None = None
+        """Set when jobs wait in per-tenant lines (`FLOW_WORKER_FAIR_SHARE`, the default)."""
+        if worker.fair_share:
+            self.fair_share = FairShare(redis, self.bull.toKey(""), worker.tenant_weights)
 
     async def enqueue(
         self, data: JobData, priority: int | None = None, job_id: str | None = None
@@ -102,6 +114,7 @@ class JobQueue:
         job_id = job_id or new_job_id()
         with redis_errors_as_unavailable():
             await self.bull.add(JOB_NAME, data.wire(), job_options(self.worker, job_id, priority))
+        await self._hold(data.tenant, [(job_id, priority or 0)])
         return job_id
 
     async def enqueue_many(self, jobs: Sequence[JobData], batch: int = 500) -> list[str]:
@@ -111,10 +124,29 @@ class JobQueue:
             {"name": JOB_NAME, "data": d.wire(), "opts": job_options(self.worker, i, None)}
             for d, i in zip(jobs, ids, strict=True)
         ]
-        with redis_errors_as_unavailable():
-            for start in range(0, len(entries), batch):
+        for start in range(0, len(entries), batch):
+            with redis_errors_as_unavailable():
                 await self.bull.addBulk(entries[start : start + batch])
+            by_tenant: dict[str, list[tuple[str, int]]] = defaultdict(list)
+            for data, job_id in zip(
+                jobs[start : start + batch], ids[start : start + batch], strict=True
+            ):
+                by_tenant[data.tenant].append((job_id, 0))
+            for tenant, held in by_tenant.items():
+                await self._hold(tenant, held)
         return ids
+
+    async def _hold(self, tenant: str, jobs: list[tuple[str, int]]) -> None:
+        """Move jobs just added into their tenant's line. The jobs are durably queued already:
+        if Redis fails here they run in plain FIFO order, so the client is not told 503."""
+        if self.fair_share is None:
+            return
+        try:
+            await self.fair_share.hold(tenant, jobs)
+        except _HOLD_FAILURES as exc:
+            log.warning(
+                "job %s queued without its tenant's line (%s)", jobs[0][0], type(exc).__name__
+            )
 
     async def request_cancel(self, job_id: str) -> CancelDecision:
         """Flag a job cancelled and tell the worker holding it, if any; the flag is one atomic
@@ -149,6 +181,9 @@ class JobQueue:
 
     async def resume(self) -> None:
         await self.bull.resume()
+        # bullmq's resume wakes idle workers only when `wait` holds jobs; held jobs are in
+        # tenant lines, so set BullMQ's "jobs ready" marker for them too.
+        await self.redis.zadd(self.bull.toKey("marker"), {"0": 0})
 
     async def ping(self) -> None:
         with redis_errors_as_unavailable():

@@ -18,7 +18,8 @@ write), as much as the whole queue layer may spend on a job. Here:
   fans out to idle slots one round trip at a time without a thundering herd.
 
 What is unchanged, because it is bullmq's code: the Lua scripts (`moveToActive`,
-`moveToFinished`, `moveToDelayed`, `retryJob`: Node BullMQ clients, bull-board and Taskforce see
+`moveToFinished` — each with the fair-share release of `fair_share` run before its take —,
+`moveToDelayed`, `retryJob`: Node BullMQ clients, bull-board and Taskforce see
 the same states and events), lock renewal (`LockManager`), the stalled-job check, retries and
 backoff (`Job.moveToFailed`), `DelayedError`, `close()` waiting for in-flight jobs and
 `cancelProcessing()` for forced shutdown. Not supported here: `pause()`/`resume()` of a single
@@ -37,8 +38,8 @@ import collections
 import itertools
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from bullmq import DelayedError, Job, UnrecoverableError, Worker
 from bullmq.custom_errors import WaitingChildrenError
@@ -46,13 +47,32 @@ from bullmq.scripts import raw2NextJobData
 from bullmq.timer import Timer
 from redis.exceptions import NoScriptError
 
+from flow_api.queue.backoff import RedisBackoff
+from flow_api.queue.connection import REDIS_TROUBLE
+from flow_api.queue.fair_share import with_release
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_BLOCK_S = 4.0
 MAX_REPLACEMENTS = 100
 """Slot replacements tolerated in a minute before the worker gives up (`SlotsLost`)."""
 PENDING_LOGS = "flow_pending_logs"
 """Attribute of a bullmq `Job` holding log lines to write with its completion."""
+TRIMMED_DATA = "flow_trimmed_data"
+"""Attribute of a bullmq `Job` holding the smaller data to keep once it completed."""
+
+# Replace a job's data with its trimmed form, only if the job did complete (it is in the
+# completed set): run after `moveToFinished` in the same pipeline, so a finish that failed
+# (lock lost, retried later) leaves the job's data whole. KEYS: job hash, completed set.
+# ARGV: job id, trimmed data.
+_TRIM_COMPLETED = """
+if redis.call("ZSCORE", KEYS[2], ARGV[1]) then
+  redis.call("HSET", KEYS[1], "data", ARGV[2])
+  return 1
+end
+return 0
+"""
 
 
 def pending_logs(job: Job) -> list[str]:
@@ -82,6 +102,15 @@ class SlotWorker(Worker):  # type: ignore[misc]  # bullmq ships no type informat
         self._batch = TurnPipeline(self.client)
         self._ended: asyncio.Queue[asyncio.Task[None]] = asyncio.Queue()
         self._replaced: collections.deque[float] = collections.deque()
+        self.backoff = RedisBackoff()
+        """Shared by the slots while Redis refuses takes and finishes (out of memory, down)."""
+        self._trim = self.client.register_script(_TRIM_COMPLETED)
+        # Every take releases the next fair-share job first (see `fair_share`): swap bullmq's
+        # two take scripts for the same text with that release before their pop of `wait`.
+        commands = self.scripts.commands
+        for name in ("moveToActive", "moveToFinished"):
+            text = with_release(name, commands[name].script)
+            commands[name] = self.client.register_script(text)
 
     @property
     def maximumBlockTimeout(self) -> float:
@@ -110,6 +139,7 @@ class SlotWorker(Worker):  # type: ignore[misc]  # bullmq ships no type informat
         # Pipelined calls use EVALSHA without redis-py's per-pipeline SCRIPT EXISTS check (an
         # extra round trip each time): load the script once here; NOSCRIPT falls back above.
         await self.client.script_load(self.scripts.commands["moveToFinished"].script)
+        await self.client.script_load(_TRIM_COMPLETED)
         # bullmq's close() waits for, and cancelProcessing() cancels, the tasks in `processing`:
         # the set of live slots, kept current as slots are replaced.
         self.processing = set()
@@ -172,14 +202,18 @@ class SlotWorker(Worker):  # type: ignore[misc]  # bullmq ships no type informat
                 continue
             token = f"{self.id}:{next(self._tokens)}"
             try:
-                job: Job | None = await self.retryIfFailed(
-                    lambda token=token: self.getNextJob(token),
-                    {"delay_in_ms": self.opts["runRetryDelay"], "only_emit_error": True},
-                )
+                await self.backoff.wait()
+                job: Job | None = await self.getNextJob(token)
             except asyncio.CancelledError:
                 if self.closing:
                     return None
                 raise
+            except Exception as exc:  # Redis out of memory or down: every slot backs off
+                if self.closing:
+                    return None
+                await self.backoff.failed("take", exc)
+                continue
+            self.backoff.succeeded()
             if job is not None:
                 self._wake_one()  # more may be waiting: let one more idle slot look
                 return job
@@ -221,25 +255,31 @@ class SlotWorker(Worker):  # type: ignore[misc]  # bullmq ships no type informat
         try:
             if job.deferredFailure:
                 failure = UnrecoverableError(job.deferredFailure)
-                await job.moveToFailed(failure, token)
+                await self._persist("fail", lambda: job.moveToFailed(failure, token))
                 self.emit("failed", job, failure)
                 return None
             result = await self.processor(job, token)
             if self.forceClosing:
                 return None
-            following = await self._complete(job, result, token, fetch_next=not self.closing)
+            # The provider's answer is in hand: a Redis refusing the finish is waited out (the
+            # job stays active and locked meanwhile), never a reason to run the job again.
+            following = await self._persist(
+                "finish",
+                lambda: self._complete(job, result, token, fetch_next=not self.closing),
+            )
             job.returnvalue = result
             job.attemptsMade = job.attemptsMade + 1
             self.emit("completed", job, result)
             return following
         except (DelayedError, WaitingChildrenError):
-            await self._flush_logs(job)
+            await self._persist("log", lambda: self._flush_logs(job))
             return None
         except Exception as err:
+            error = err  # named outside the handler: the retried call below closes over it
             try:
-                await self._flush_logs(job)
+                await self._persist("log", lambda: self._flush_logs(job))
                 if not self.forceClosing:
-                    await job.moveToFailed(err, token)
+                    await self._persist("fail", lambda: job.moveToFailed(error, token))
                 self.emit("failed", job, err)
             except Exception as failure:
                 self.emit("error", failure, job)
@@ -248,8 +288,23 @@ class SlotWorker(Worker):  # type: ignore[misc]  # bullmq ships no type informat
             self.jobs.discard((job, token))
             self.lockManager.untrack_job(job.id)
 
+    async def _persist(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()`, retried with the slots' shared backoff while Redis refuses it (out of
+        memory, unreachable); other errors, and any error once force-closing, propagate."""
+        while True:
+            try:
+                outcome = await call()
+            except REDIS_TROUBLE as exc:
+                if self.forceClosing:
+                    raise
+                await self.backoff.failed(operation, exc)
+                continue
+            self.backoff.succeeded()
+            return outcome
+
     async def _complete(self, job: Job, result: Any, token: str, *, fetch_next: bool) -> Job | None:
-        """`moveToFinished` (completed) and the job's pending log lines, in this turn's pipeline."""
+        """`moveToFinished` (completed), the job's pending log lines and the trim of its data,
+        in this turn's pipeline."""
         scripts = self.scripts
         keys, args = scripts.moveToCompletedArgs(
             job, result, job.opts.get("removeOnComplete", False), token, fetch_next
@@ -257,18 +312,26 @@ class SlotWorker(Worker):  # type: ignore[misc]  # bullmq ships no type informat
         script = scripts.commands["moveToFinished"]
         lines = list(getattr(job, PENDING_LOGS, None) or ())
         logs_key = self.backend.toKey(f"{job.id}:logs")
+        trimmed: str | None = getattr(job, TRIMMED_DATA, None)
+        trim_keys = [self.backend.toKey(job.id), self.backend.toKey("completed")]
 
         def build(pipe: Any) -> None:
             if lines:
                 pipe.rpush(logs_key, *lines)
             pipe.evalsha(script.sha, len(keys), *keys, *args)
+            if trimmed is not None:
+                pipe.evalsha(self._trim.sha, 2, *trim_keys, job.id, trimmed)
 
-        raw = (await self.pipelined(build, 2 if lines else 1))[-1]
+        replies = await self.pipelined(build, int(bool(lines)) + 1 + int(trimmed is not None))
+        raw = replies[1 if lines else 0]
         if isinstance(raw, NoScriptError):  # a restarted Redis forgot it: load and run it
             raw = await script(keys=keys, args=args)
         elif isinstance(raw, Exception):
             raise raw
         getattr(job, PENDING_LOGS, []).clear()
+        if trimmed is not None and isinstance(replies[-1], Exception):
+            # Best effort: the job completed; only the memory its prompt holds is not freed.
+            log.debug("job %s: data not trimmed: %s", job.id, replies[-1])
         if isinstance(raw, int) and raw < 0:
             raise scripts.finishedErrors(
                 {"code": raw, "jobId": job.id, "command": "moveToFinished", "state": "active"}

@@ -9,7 +9,7 @@ from typing import Any
 from bullmq import Job
 
 from flow_api.errors import FlowError, JobNotFound
-from flow_api.jobs import JobData
+from flow_api.jobs import DEFAULT_TENANT, JobData
 from flow_api.keys import CANCEL_FIELD, STARTED_FIELD
 from flow_api.models import JobStatus
 from flow_api.queue.connection import redis_errors_as_unavailable
@@ -20,8 +20,21 @@ from flow_api.queue.producer import JobQueue, valid_job_id
 # round trips, a job finishing between them was reported with the new state and the old data
 # ("completed" with 0 attempts and no result). Only the states that have a status of their own
 # are told apart; every other one (wait, delayed, prioritized, paused...) is `waiting`.
-# KEYS: job hash, completed, failed, active, logs. ARGV: job id, with logs ("1" or "0").
+# KEYS: job hash, completed, failed, active, logs. ARGV: job id, with logs ("1" or "0"), and
+# the reader's tenant (or "") with the tenant of jobs that name none: another tenant's job is
+# answered as an unknown id is, without its data leaving Redis (a 404 that costs the API the
+# same work whether the id exists or not).
 _SNAPSHOT = """
+if ARGV[3] ~= "" then
+  local data = redis.call("HGET", KEYS[1], "data")
+  if not data then return {} end
+  local ok, decoded = pcall(cjson.decode, data)
+  local tenant = ARGV[4]
+  if ok and type(decoded) == "table" and decoded["tenant"] ~= nil then
+    tenant = decoded["tenant"]
+  end
+  if tenant ~= ARGV[3] then return {} end
+end
 local hash = redis.call("HGETALL", KEYS[1])
 if #hash == 0 then return {} end
 local state = "waiting"
@@ -74,9 +87,12 @@ class JobStore:
         with redis_errors_as_unavailable():
             return bool(await self.redis.exists(self.bull.toKey(job_id)))
 
-    async def fetch(self, job_id: str, *, with_logs: bool = False) -> StoredJob:
+    async def fetch(
+        self, job_id: str, *, with_logs: bool = False, tenant: str | None = None
+    ) -> StoredJob:
         """Read one job as it was at one instant; raises `JobNotFound` for unknown (or expired)
-        ids, and for jobs whose data is not a job of ours (another producer's)."""
+        ids, for jobs whose data is not a job of ours (another producer's), and, when `tenant`
+        is given, for another tenant's jobs (checked inside Redis)."""
         if not valid_job_id(job_id):
             raise JobNotFound(job_id)
         key = self.bull.toKey
@@ -89,7 +105,7 @@ class JobStore:
                     key("active"),
                     key(f"{job_id}:logs"),
                 ],
-                args=[job_id, "1" if with_logs else "0"],
+                args=[job_id, "1" if with_logs else "0", tenant or "", DEFAULT_TENANT],
             )
         if not reply:
             raise JobNotFound(job_id)

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import dataclasses
 import itertools
 import signal
 import sys
 from collections.abc import Sequence
 from types import TracebackType
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -48,6 +50,7 @@ from flow_api.testing.wire import (
 __all__ = ["Simulator", "SimulatorConfig", "SimulatorStats", "main"]
 
 MAX_OUTPUT_TOKENS = 16_384  # the simulated models' longest completion
+RECENT_BODIES = 256  # request bodies kept for tests (bounded: benchmarks send thousands)
 MALFORMED_BODY = b'{"id": "sim-malformed", "object": "chat.completion", "choices": [{"index'
 _JSON = "application/json"
 
@@ -62,6 +65,8 @@ class Simulator:
         self.host = host
         self.port = port
         self.stats = SimulatorStats()
+        self.bodies: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_BODIES)
+        """The last chat request bodies as sent (tests assert what reached the provider)."""
         self._script = Script()
         self._window = SlidingWindow()
         self._ids = itertools.count(1)
@@ -123,6 +128,7 @@ class Simulator:
     def reset(self) -> None:
         """Clear the counters, the scripts' positions and the rate-limit windows."""
         self.stats = SimulatorStats()
+        self.bodies.clear()
         self._script.reset()
         self._window.reset()
 
@@ -186,7 +192,10 @@ class Simulator:
         self, request: web.Request, api: Api, model: str | None
     ) -> web.StreamResponse:
         try:
-            chat = parse_chat(api, orjson.loads(await request.read()), model)
+            body = orjson.loads(await request.read())
+            if isinstance(body, dict):
+                self.bodies.append(body)
+            chat = parse_chat(api, body, model)
         except (orjson.JSONDecodeError, BadRequest) as exc:
             return self._respond(400, error_body(api, 400, f"simulator: {exc}"), {})
         if chat.max_tokens is not None and chat.max_tokens > MAX_OUTPUT_TOKENS:
@@ -304,6 +313,10 @@ class Simulator:
 
     def _respond(self, status: int, body: bytes, headers: dict[str, str]) -> web.Response:
         self._count(status)
+        if status >= 400 and self.config.error_note:
+            answer = orjson.loads(body)
+            answer["error"]["message"] += f" {self.config.error_note}"
+            body = orjson.dumps(answer)
         return web.Response(status=status, body=body, headers=headers, content_type=_JSON)
 
     def _count(self, status: int) -> None:

@@ -19,7 +19,9 @@ class SimulatorConfig:
     Every answer carries the provider's rate-limit headers (`x-ratelimit-*` on the OpenAI routes,
     `anthropic-ratelimit-*` on the Messages route) once any limit is set. `window_s` shortens
     the window the per-minute limits count over (the headers still state per-minute figures).
-    `retry_after_s` is the Retry-After of a scripted `429` step.
+    `retry_after_s` is the Retry-After of a scripted `429` step. `error_note` is appended to
+    every error answer's message, as a gateway in front of a provider may add its own text
+    (tests put credentials in it to check that none reaches a job or a log).
     """
 
     latency_s: float = 0.0
@@ -30,6 +32,7 @@ class SimulatorConfig:
     otpm: int | None = None
     retry_after_s: float = 1.0
     window_s: float = 60.0  # what `rpm`/`tpm` count over; benchmarks may scale the minute down
+    error_note: str = ""
 
 
 @dataclass(slots=True)

@@ -30,7 +30,7 @@ from flow_api.errors import FlowError, JobCancelled, QueueUnavailable, WorkerFau
 from flow_api.jobs import JobData
 from flow_api.models import Generation
 from flow_api.providers import Provider
-from flow_api.queue.connection import REDIS_DOWN
+from flow_api.queue.connection import REDIS_DOWN, RedisOutOfMemory, out_of_memory
 from flow_api.queue.consumer import AttemptFailed, JobHandle
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,8 @@ class AttemptChain:
             ) from None
         except FlowError:
             raise
+        except RedisOutOfMemory as exc:  # retried like a lost Redis, never "unexpected"
+            raise out_of_memory() from exc
         except REDIS_DOWN as exc:
             raise QueueUnavailable(f"the job store is unreachable: {type(exc).__name__}") from exc
         except Exception as exc:

@@ -16,7 +16,7 @@ from flow_api.heartbeat import INTERVAL_S, Heartbeat, write_heartbeat
 from flow_api.history import WORKER_ID
 from flow_api.jobs import now_ms
 from flow_api.providers import Provider, ProviderRegistry
-from flow_api.queue.connection import REDIS_DOWN, connect
+from flow_api.queue.connection import REDIS_TROUBLE, connect
 from flow_api.queue.consumer import QueueConsumer
 from flow_api.settings import Settings
 from flow_api.worker.attempt import AttemptChain
@@ -132,7 +132,7 @@ class FlowWorker:
             )
             try:
                 await write_heartbeat(redis, self.settings.redis.queue_name, beat)
-            except REDIS_DOWN as exc:
+            except REDIS_TROUBLE as exc:  # down, or out of memory: the next beat tries again
                 log.warning("heartbeat not written: %s", type(exc).__name__)
             await asyncio.sleep(INTERVAL_S if live == slots else 0.2)
 

@@ -69,7 +69,12 @@ class Resolve(Step):
         provider = attempt.provider = self.registry.get(data.provider or options.provider)
         attempt.model = data.model or provider.resolve_model(options.model)
         timeout_ms = options.timeout_ms
-        attempt.timeout_s = timeout_ms / 1000 if timeout_ms else self.settings.job_timeout_s
+        limit_s = timeout_ms / 1000 if timeout_ms else self.settings.job_timeout_s
+        # The API refuses a larger timeoutMs; a job queued before the maximum was lowered (or
+        # by another producer) gets the maximum, which the SDK clients' own timeout exceeds.
+        attempt.timeout_s = min(
+            limit_s, max(self.settings.max_job_timeout_s, self.settings.job_timeout_s)
+        )
 
 
 def _capped(data: JobData) -> JobData:

@@ -9,18 +9,25 @@ import orjson
 from fastapi import APIRouter, Header, Response
 
 from flow_api.api.auth import AccessDep, SubmitterDep
-from flow_api.api.deps import IdempotencyDep, QueueDep, RegistryDep, SettingsDep, StoreDep
+from flow_api.api.deps import (
+    AdmissionDep,
+    IdempotencyDep,
+    QueueDep,
+    RegistryDep,
+    SettingsDep,
+    StoreDep,
+)
 from flow_api.api.responses import errors
 from flow_api.errors import FlowError, InvalidRequest
 from flow_api.jobs import JobData
 from flow_api.models import GenerateRequest, JobAccepted
 from flow_api.queue.producer import new_job_id
-from flow_api.settings import ApiSettings
+from flow_api.settings import ApiSettings, WorkerSettings
 
 router = APIRouter(prefix="/api/ai", tags=["jobs"])
 
 
-def check_limits(body: GenerateRequest, limits: ApiSettings) -> None:
+def check_limits(body: GenerateRequest, limits: ApiSettings, worker: WorkerSettings) -> None:
     if len(body.prompt) > limits.max_prompt_chars:
         raise InvalidRequest(
             f"prompt is {len(body.prompt)} characters; the limit is {limits.max_prompt_chars}",
@@ -32,6 +39,13 @@ def check_limits(body: GenerateRequest, limits: ApiSettings) -> None:
             f"options.metadata is over {limits.max_metadata_bytes} bytes of JSON",
             field="options.metadata",
         )
+    timeout_ms, most_ms = body.options.timeout_ms, round(worker.max_job_timeout_s * 1000)
+    if timeout_ms is not None and timeout_ms > most_ms:
+        raise InvalidRequest(
+            f"options.timeoutMs is {timeout_ms}; this service allows at most {most_ms} ms "
+            "(FLOW_WORKER_MAX_JOB_TIMEOUT_S)",
+            field="options.timeoutMs",
+        )
 
 
 @router.post(
@@ -39,7 +53,9 @@ def check_limits(body: GenerateRequest, limits: ApiSettings) -> None:
     status_code=202,
     response_model=JobAccepted,
     response_model_exclude_none=True,
-    responses=errors(400, 401, 403, 409, 413, 422, 429, 503, s409="`idempotency_key_reused`"),
+    responses=errors(
+        400, 401, 403, 408, 409, 413, 415, 422, 429, 503, s409="`idempotency_key_reused`"
+    ),
     summary="Submit a prompt; answers with a job id as soon as the job is durably queued",
 )
 async def submit(
@@ -49,6 +65,7 @@ async def submit(
     registry: RegistryDep,
     settings: SettingsDep,
     idempotency: IdempotencyDep,
+    admission: AdmissionDep,
     principal: SubmitterDep,
     access: AccessDep,
     response: Response,
@@ -56,10 +73,12 @@ async def submit(
 ) -> JobAccepted:
     """With an `Idempotency-Key`, the same key and body answer the first request's outcome (the
     202 of the same job, or the same error) and create no second job, for
-    `FLOW_API_IDEMPOTENCY_TTL_S`; the same key with another body is a 409."""
-    check_limits(body, settings.api)
+    `FLOW_API_IDEMPOTENCY_TTL_S`; the same key with another body is a 409.
+    A 503 `queue_full` (with `Retry-After`) while the job store has no room for more jobs."""
+    check_limits(body, settings.api, settings.worker)
     provider, model = registry.resolve(body.options)
     data = JobData.submitted(body, provider=provider.name, model=model, tenant=principal.tenant)
+    await admission.admit(principal.tenant)  # or 503 queue_full: Redis keeps room to drain
     job_id = new_job_id()
     claim = None
     if idempotency_key is not None:

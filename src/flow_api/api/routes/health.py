@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from flow_api.api.deps import QueueDep, RegistryDep
+from flow_api.api.deps import AdmissionDep, QueueDep, RegistryDep
 from flow_api.api.responses import errors
 from flow_api.errors import NoProviderAvailable
 
@@ -20,13 +20,16 @@ async def healthz() -> dict[str, str]:
 
 @router.get(
     "/readyz",
-    summary="Redis is reachable and a provider can serve (503 when not)",
+    summary="Redis is reachable and has room for jobs, and a provider can serve (503 when not)",
     responses=errors(503),
 )
-async def readyz(queue: QueueDep, registry: RegistryDep) -> dict[str, Any]:
+async def readyz(queue: QueueDep, registry: RegistryDep, admission: AdmissionDep) -> dict[str, Any]:
     """`degraded`, naming each provider that cannot serve and its fix, while others still can:
-    the API and those providers keep taking traffic, so this stays a 200."""
+    the API and those providers keep taking traffic, so this stays a 200. 503 `queue_full`
+    while admission control refuses new jobs (the same reading submits use)."""
     await queue.ping()
+    if (refusal := await admission.refusal()) is not None:
+        raise refusal
     problems = {
         name: problem
         for name, provider in registry.providers.items()

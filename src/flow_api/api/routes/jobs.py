@@ -39,7 +39,8 @@ _CANCEL = errors(401, 403, 404, 409, 503, s409="`job_already_finished`: nothing 
 async def _history(
     store: JobStore, job_id: str, principal: Principal, *, with_logs: bool = False
 ) -> JobHistory:
-    return JobHistory(ensure_owner(await store.fetch(job_id, with_logs=with_logs), principal))
+    job = await store.fetch(job_id, with_logs=with_logs, tenant=principal.tenant)
+    return JobHistory(ensure_owner(job, principal))
 
 
 @router.get(
