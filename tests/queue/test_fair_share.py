@@ -14,7 +14,7 @@ from flow_api.jobs import JobData
 from flow_api.models import GenerateOptions, GenerateRequest, JobStatus
 from flow_api.queue.admission import read_room
 from flow_api.queue.connection import connect
-from flow_api.queue.producer import JobQueue
+from flow_api.queue.producer import CancelDecision, JobQueue
 from flow_api.queue.slot_worker import SlotWorker
 from flow_api.queue.store import JobStore
 from flow_api.settings import AdmissionSettings, Settings, WorkerSettings
@@ -142,7 +142,7 @@ async def test_a_held_job_is_found_by_id_alone(settings: Settings, redis: Redis)
     assert held == [job_id]  # in its tenant's line, not in BullMQ's wait list
     stored = await JobStore(queue).fetch(job_id)
     assert (stored.state, stored.data.tenant) == (JobStatus.WAITING, "team-x")
-    assert await queue.request_cancel(job_id) is True
+    assert await queue.request_cancel(job_id) is CancelDecision.FLAGGED
 
 
 async def test_status_result_and_cancel_of_tenant_queued_jobs(
