@@ -87,8 +87,11 @@ def test_a_cancel_shows_at_once_on_a_waiting_job() -> None:
 def test_a_passed_start_deadline_shows_before_a_worker_acts() -> None:
     late = DATA.model_copy(update={"start_by_ms": now_ms() - 1})
     assert history.JobHistory(stored(JobStatus.WAITING, data=late)).status is JobStatus.EXPIRED
+    # Taken but not started (waiting for budget): its worker will expire it, so it shows so.
+    taken = stored(JobStatus.ACTIVE, data=late)
+    assert history.JobHistory(taken).status is JobStatus.EXPIRED
     # Once an attempt has started, the deadline no longer applies.
-    running = stored(JobStatus.ACTIVE, data=late)
+    running = stored(JobStatus.ACTIVE, data=late, attempt_started_ms=now_ms() - 2)
     assert history.JobHistory(running).status is JobStatus.ACTIVE
 
 

@@ -112,11 +112,9 @@ class JobHistory:
             return JobStatus.CANCELLED, ErrorInfo(
                 code="cancelled", message="cancelled by the client"
             )
-        started = (
-            job.attempts_made > 0
-            or job.state is JobStatus.ACTIVE
-            or job.attempt_started_ms is not None
-        )
+        # Taken is not started: a job taken past its deadline (waiting for budget, before its
+        # attempt starts) is expired by its worker, so it shows expired, never active first.
+        started = job.attempts_made > 0 or job.attempt_started_ms is not None
         if job.data.expired(now_ms(), started_before=started):
             message = "not started before its deadline (startWithinMs)"
             return JobStatus.EXPIRED, ErrorInfo(code="expired", message=message)
