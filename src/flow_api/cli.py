@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import socket
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from flow_api.environment import SettingsInvalid, load_settings
 from flow_api.listener import listen
 from flow_api.settings import Settings
 from flow_api.startup import StartupError
+from flow_api.stopping import StopRequests
 
 
 def _port(text: str) -> int:
@@ -75,10 +75,10 @@ def _configure_logging(settings: Settings, warnings: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Until the event loop installs its own handlers, SIGTERM stops the process as Ctrl-C does
-    # (a clean exit below), not with the default abrupt termination.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    signal.signal(signal.SIGHUP, signal.default_int_handler)  # a closed terminal: the same
+    # Until the event loop installs its own handlers, SIGTERM (and SIGHUP, a closed terminal)
+    # stops the process as Ctrl-C does (a clean exit below), not with the default abrupt
+    # termination; and the loop acts on one whose KeyboardInterrupt was lost (`stopping`).
+    StopRequests.before_loop()
     args = _parser().parse_args(argv)
     try:
         loaded = load_settings()

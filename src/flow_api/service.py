@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -26,6 +25,7 @@ from flow_api.queue.producer import JobQueue
 from flow_api.redaction import redact_secrets, redact_url
 from flow_api.settings import Settings
 from flow_api.startup import ConfigurationError, StartupError
+from flow_api.stopping import StopRequests
 
 if TYPE_CHECKING:
     from flow_api.worker import FlowWorker
@@ -49,35 +49,6 @@ RUN_EXIT_S = 1.0
 """How long `run()` may take to return once `stop()` has, beyond the grace period: past it,
 it is stuck (on a Redis that never answered, or in a blocking wait with nothing in flight)
 and is cancelled."""
-
-
-class StopRequests:
-    """SIGINT, SIGTERM and SIGHUP (a closed terminal) as events, like a daemon treats them: the
-    first asks for a graceful stop, a second one to stop waiting for in-flight jobs."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-    def __init__(self) -> None:
-        self.first = asyncio.Event()
-        self.second = asyncio.Event()
-
-    @classmethod
-    def install(cls) -> StopRequests:
-        """Route the stop signals to a new `StopRequests` (call first thing in the loop)."""
-        stops = cls()
-        loop = asyncio.get_running_loop()
-        for sig in cls.SIGNALS:
-            loop.add_signal_handler(sig, stops.request, sig)
-        return stops
-
-    def request(self, sig: signal.Signals | None = None) -> None:
-        name = sig.name if sig is not None else "a stop request"
-        if not self.first.is_set():
-            log.info("%s: stopping (in-flight jobs get the grace period)", name)
-            self.first.set()
-        elif not self.second.is_set():
-            log.warning("%s again: handing in-flight jobs back to the queue now", name)
-            self.second.set()
 
 
 class _Server(uvicorn.Server):
