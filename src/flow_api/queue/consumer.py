@@ -164,12 +164,18 @@ class JobHandle:
         def build(pipe: Any) -> None:
             pipe.evalsha(_DECIDE_SHA, 1, job_key, *args)
 
-        reply = (await worker.pipelined(build, 1))[0]
-        if isinstance(reply, NoScriptError):  # a restarted Redis forgot it
-            reply = await worker.client.eval(_DECIDE, 1, job_key, *args)
-        elif isinstance(reply, Exception):
-            raise reply
-        return bool(reply)
+        async def decide() -> bool:
+            reply = (await worker.pipelined(build, 1))[0]
+            if isinstance(reply, NoScriptError):  # a restarted Redis forgot it
+                reply = await worker.client.eval(_DECIDE, 1, job_key, *args)
+            elif isinstance(reply, Exception):
+                raise reply
+            return bool(reply)
+
+        # Waited out like the finish that follows: the provider has answered (or the attempt
+        # failed for good), and a Redis refusing writes must not cost a second paid call.
+        decision: bool = await worker.persist("finish", decide)
+        return decision
 
     async def cancel_requested(self) -> bool:
         """True if a client has asked to cancel the job (one read)."""

@@ -255,7 +255,7 @@ class SlotWorker(Worker):  # type: ignore[misc]  # bullmq ships no type informat
         try:
             if job.deferredFailure:
                 failure = UnrecoverableError(job.deferredFailure)
-                await self._persist("fail", lambda: job.moveToFailed(failure, token))
+                await self.persist("fail", lambda: job.moveToFailed(failure, token))
                 self.emit("failed", job, failure)
                 return None
             result = await self.processor(job, token)
@@ -263,7 +263,7 @@ class SlotWorker(Worker):  # type: ignore[misc]  # bullmq ships no type informat
                 return None
             # The provider's answer is in hand: a Redis refusing the finish is waited out (the
             # job stays active and locked meanwhile), never a reason to run the job again.
-            following = await self._persist(
+            following = await self.persist(
                 "finish",
                 lambda: self._complete(job, result, token, fetch_next=not self.closing),
             )
@@ -272,14 +272,14 @@ class SlotWorker(Worker):  # type: ignore[misc]  # bullmq ships no type informat
             self.emit("completed", job, result)
             return following
         except (DelayedError, WaitingChildrenError):
-            await self._persist("log", lambda: self._flush_logs(job))
+            await self.persist("log", lambda: self._flush_logs(job))
             return None
         except Exception as err:
             error = err  # named outside the handler: the retried call below closes over it
             try:
-                await self._persist("log", lambda: self._flush_logs(job))
+                await self.persist("log", lambda: self._flush_logs(job))
                 if not self.forceClosing:
-                    await self._persist("fail", lambda: job.moveToFailed(error, token))
+                    await self.persist("fail", lambda: job.moveToFailed(error, token))
                 self.emit("failed", job, err)
             except Exception as failure:
                 self.emit("error", failure, job)
@@ -288,9 +288,11 @@ class SlotWorker(Worker):  # type: ignore[misc]  # bullmq ships no type informat
             self.jobs.discard((job, token))
             self.lockManager.untrack_job(job.id)
 
-    async def _persist(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+    async def persist(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
         """`call()`, retried with the slots' shared backoff while Redis refuses it (out of
-        memory, unreachable); other errors, and any error once force-closing, propagate."""
+        memory, unreachable, a replica during a failover); other errors, and any error once
+        force-closing, propagate. For what must not fail once a provider has answered: the
+        finish, and the decision between a cancel and that finish (`JobHandle.may_finish`)."""
         while True:
             try:
                 outcome = await call()

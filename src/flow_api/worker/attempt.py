@@ -162,7 +162,8 @@ class AttemptChain:
 
 
 async def _may_finish(job: JobHandle) -> bool:
-    """`JobHandle.may_finish`, a lost Redis as `QueueUnavailable` (the attempt is retried)."""
+    """`JobHandle.may_finish`, which waits out a Redis refusing writes; one still lost when
+    the worker is force-closing is `QueueUnavailable` (the attempt is retried)."""
     try:
         return await job.may_finish()
     except REDIS_DOWN as exc:
