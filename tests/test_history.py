@@ -90,9 +90,13 @@ def test_a_passed_start_deadline_shows_before_a_worker_acts() -> None:
     # Taken but not started (waiting for budget): its worker will expire it, so it shows so.
     taken = stored(JobStatus.ACTIVE, data=late)
     assert history.JobHistory(taken).status is JobStatus.EXPIRED
-    # Once an attempt has started, the deadline no longer applies.
+    # Once an attempt has started in time, the deadline no longer applies.
     running = stored(JobStatus.ACTIVE, data=late, attempt_started_ms=now_ms() - 2)
     assert history.JobHistory(running).status is JobStatus.ACTIVE
+    # A start written after the deadline is not in time: its worker expires the job at that
+    # very start, so it shows expired, never active in between (found by the soak).
+    started_late = stored(JobStatus.ACTIVE, data=late, attempt_started_ms=now_ms() + 5)
+    assert history.JobHistory(started_late).status is JobStatus.EXPIRED
 
 
 def test_a_completed_job_has_its_result_and_metadata() -> None:

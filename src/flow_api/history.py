@@ -114,7 +114,13 @@ class JobHistory:
             )
         # Taken is not started: a job taken past its deadline (waiting for budget, before its
         # attempt starts) is expired by its worker, so it shows expired, never active first.
-        started = job.attempts_made > 0 or job.attempt_started_ms is not None
+        # Nor is a start written after the deadline: the worker checks the deadline at that
+        # very time (`worker.steps.Gate`) and expires the job, so it shows expired throughout.
+        first_start = job.attempt_started_ms
+        deadline = job.data.start_by_ms
+        started = job.attempts_made > 0 or (
+            first_start is not None and (deadline is None or first_start <= deadline)
+        )
         if job.data.expired(now_ms(), started_before=started):
             message = "not started before its deadline (startWithinMs)"
             return JobStatus.EXPIRED, ErrorInfo(code="expired", message=message)

@@ -49,6 +49,9 @@ class Attempt:
     cancelled_before_start: bool = False
     started_before: bool = False
     """An earlier attempt of this job started (its start deadline no longer applies)."""
+    started_ms: int | None = None
+    """When this attempt's start was written (`Record`): the time the deadline is checked at,
+    the same one the job's views read, so they and the worker never disagree."""
     calling: bool = False
     generation: Generation | None = None
 

@@ -125,6 +125,7 @@ class Record(Step):
         begun = await attempt.job.begin(entry)
         attempt.cancelled_before_start = begun.cancelled
         attempt.started_before = begun.started_before
+        attempt.started_ms = entry["at"]
 
     async def after(self, attempt: Attempt) -> None:
         # Written in the same round trip as the result; DEBUG, not INFO: at hundreds of jobs/s
@@ -154,9 +155,10 @@ class Gate(Step):
             raise JobCancelled("cancelled before it started; no provider call was made")
         data = attempt.data
         assert data is not None
-        now = now_ms()
-        # A job that started once (then was retried, handed back on shutdown, or put back
-        # after a 429) is never expired: its start was in time.
+        # Checked at the start `Record` wrote, as the views do (`history`): a start written in
+        # time is in time, however long the round trip took. A job that started once (then
+        # was retried, handed back on shutdown, or put back after a 429) is never expired.
+        now = attempt.started_ms or now_ms()
         if data.expired(now, started_before=attempt.number > 1 or attempt.started_before):
             late = (now - (data.start_by_ms or now)) / 1000
             raise JobExpired(f"not started before its deadline (startWithinMs); {late:.1f} s late")
