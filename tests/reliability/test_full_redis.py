@@ -96,10 +96,23 @@ async def test_a_flood_is_refused_with_queue_full_then_drains_and_admission_reop
         assert error["code"] == "queue_full", error
         assert error["reason"] in ("redis_memory", "redis_out_of_memory"), error
         assert int(answer.headers["Retry-After"]) >= 1
-    ready = await api.get("/readyz")
-    assert ready.status_code == 503
+    # The flood's 20 KB prompts stop fitting before a small job does, and Redis's used_memory
+    # also counted the flood's connection buffers, freed as it ends. Top it up with small jobs
+    # until not even one fits: then the probes must say so (readyz from the same reading,
+    # `check` from its own).
+    problems: list[str] = []
+    for _ in range(200):
+        answer = await api.post("/api/ai/generate", {"prompt": "small", "options": SHORT_ANSWER})
+        if answer.status_code == 202:
+            accepted.append(answer)
+            continue
+        refused.append(answer)
+        ready = await api.get("/readyz")
+        problems = await check(settings)
+        if ready.status_code == 503 and any("queue full" in p for p in problems):
+            break
+    assert ready.status_code == 503, ready.text
     assert ready.json()["error"]["code"] == "queue_full"
-    problems = await check(settings)
     assert any("queue full" in p for p in problems), problems
     counted = await redis.hget(admission_refusals_key(settings.redis.queue_name), "default")
     # Admission's refusals are counted; one Redis refuses to store while over its limit is not
@@ -132,12 +145,17 @@ async def test_a_flood_is_refused_with_queue_full_then_drains_and_admission_reop
 async def test_writes_redis_refuses_for_memory_are_503_queue_full_never_500(
     full_valkey: EmbeddedValkey, redis: Redis
 ) -> None:
-    # Admission control off (watermark at the limit, nothing reserved): Redis itself refuses,
+    # Admission control blind (its reading saw no limit): Redis itself refuses,
     # in the enqueue script and in the idempotency claim, and every refusal is still a 503.
     settings = make_settings(full_valkey.url)
-    settings.admission.watermark = 1.0
-    settings.admission.drain_bytes_per_job = 0
+    settings.admission.refresh_s = 60
+    limit = (await redis.config_get("maxmemory"))["maxmemory"]
     async with serving(settings) as api:
+        # The API's one reading for the next minute is taken while Redis has no limit (and no
+        # budget is set): admission has nothing to check against, so Redis refuses by itself.
+        await redis.config_set("maxmemory", 0)
+        assert (await api.get("/readyz")).status_code == 200
+        await redis.config_set("maxmemory", limit)
         answers = await flood(api, submits=400)
         keyed = [
             await api.post(

@@ -26,7 +26,8 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
 from redis.asyncio import Redis
 
@@ -76,6 +77,24 @@ class QueueRoom:
             retry_after=settings.retry_after_s,
         )
 
+    def plus(self, jobs: int, job_bytes: int) -> QueueRoom:
+        """This reading with `jobs` more unfinished jobs holding `job_bytes` more memory."""
+        return replace(
+            self,
+            used_bytes=self.used_bytes + job_bytes,
+            unfinished_jobs=self.unfinished_jobs + jobs,
+        )
+
+
+JOB_OVERHEAD_BYTES = 1280
+"""What a waiting job holds beyond its texts (`benchmarks/job_memory.py`: ~1.25 KB with a
+100-character prompt)."""
+
+
+def job_bytes(texts: Iterable[str | None]) -> int:
+    """An estimate of the memory a new job holds while it waits: its texts and the overhead."""
+    return JOB_OVERHEAD_BYTES + sum(len(text.encode()) for text in texts if text)
+
 
 def _mb(n: int) -> str:
     return f"{n / 1_048_576:.1f} MB"
@@ -115,6 +134,11 @@ class Admission:
         self._read_at = -float("inf")
         self._reading: asyncio.Future[QueueRoom] | None = None
         self._closed_since: float | None = None
+        self._since_reading = (0, 0)
+        """(jobs, bytes) this process admitted since its last reading, added to it: a burst of
+        submits within one `refresh_s` cannot carry Redis to its limit (seen: a flood took a
+        small Redis from the watermark to `maxmemory`, where lock renewals fail and the queue
+        wedged)."""
         self._refused: Counter[str] = Counter()
         self._refusals_key = admission_refusals_key(queue.bull.name)
 
@@ -131,11 +155,15 @@ class Admission:
         # in between finds it fresh instead of starting another.
         room = await read_room(self.queue.redis, self.queue, self.settings)
         self._room, self._read_at = room, time.monotonic()
+        self._since_reading = (0, 0)
         return room
 
     async def refusal(self) -> QueueFull | None:
-        """Why new jobs are refused now, or None; logs when admission closes and reopens."""
-        refusal = (await self.room()).refusal(self.settings)
+        """Why new jobs are refused now (not even the smallest job fits), or None; logs when
+        admission closes and reopens."""
+        jobs, held = self._since_reading  # and room for one more job, the smallest there is
+        room = (await self.room()).plus(jobs + 1, held + JOB_OVERHEAD_BYTES)
+        refusal = room.refusal(self.settings)
         if refusal is not None and self._closed_since is None:
             self._closed_since = time.monotonic()
             log.warning("admission closed (%s): %s", refusal.reason, refusal.message)
@@ -143,9 +171,15 @@ class Admission:
             self._reopened()
         return refusal
 
-    async def admit(self, tenant: str) -> None:
-        """Raise `QueueFull` (503) when the job store has no room for another job."""
+    async def admit(self, tenant: str, size: int = JOB_OVERHEAD_BYTES) -> None:
+        """Raise `QueueFull` (503) when the job store has no room for another job of `size`
+        bytes (`job_bytes`); else count it in until the next reading."""
         refusal = await self.refusal()
+        if refusal is None and self._room is not None:
+            jobs, held = self._since_reading
+            refusal = self._room.plus(jobs + 1, held + size).refusal(self.settings)
+            if refusal is None:
+                self._since_reading = (jobs + 1, held + size)
         if refusal is None:
             return
         self._refused[tenant] += 1

@@ -45,8 +45,10 @@ CANCEL_REQUESTED = "flow: cancel requested"
 # `producer._FLAG_CANCEL`): unless the job is flagged cancelled, mark it finishing, after which
 # a cancel answers `job_already_finished`. Both run as scripts on the job's hash, so Redis
 # orders them: whichever runs first wins. KEYS: job hash. ARGV: cancel field, finishing field,
-# the attempt's token. 0: the cancel won; 1: this attempt may finish the job.
-_DECIDE = """
+# the attempt's token. 0: the cancel won; 1: this attempt may finish the job. `allow-oom`: one
+# small field must not stop a job from finishing when Redis is at its memory limit (the finish
+# itself goes through there: its first write frees the job's lock), or a full Redis never drains.
+_DECIDE = """#!lua flags=allow-oom
 if redis.call("HEXISTS", KEYS[1], ARGV[1]) == 1 then return 0 end
 if redis.call("EXISTS", KEYS[1]) == 1 then redis.call("HSET", KEYS[1], ARGV[2], ARGV[3]) end
 return 1

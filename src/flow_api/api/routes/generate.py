@@ -21,6 +21,7 @@ from flow_api.api.responses import errors
 from flow_api.errors import FlowError, InvalidRequest
 from flow_api.jobs import JobData
 from flow_api.models import GenerateRequest, JobAccepted
+from flow_api.queue.admission import job_bytes
 from flow_api.queue.producer import new_job_id
 from flow_api.settings import ApiSettings, WorkerSettings
 
@@ -78,7 +79,8 @@ async def submit(
     check_limits(body, settings.api, settings.worker)
     provider, model = registry.resolve(body.options)
     data = JobData.submitted(body, provider=provider.name, model=model, tenant=principal.tenant)
-    await admission.admit(principal.tenant)  # or 503 queue_full: Redis keeps room to drain
+    size = job_bytes((body.prompt, body.options.system))
+    await admission.admit(principal.tenant, size)  # or 503 queue_full: Redis keeps room to drain
     job_id = new_job_id()
     claim = None
     if idempotency_key is not None:
