@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+from redis.asyncio import Redis
 
 from flow_api.embedded import EmbeddedValkey
 from flow_api.testing import SimulatorProcess
@@ -247,3 +248,10 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 def ratio(value: float, base: float) -> str:
     return f"{value / base:.2f}x" if base else "n/a"
+
+
+async def finished(redis: Redis, queue_name: str, prefix: str = "bull") -> tuple[int, int]:
+    """(completed, failed) jobs in a BullMQ queue, as its two sets count them."""
+    completed = await redis.zcard(f"{prefix}:{queue_name}:completed")
+    failed = await redis.zcard(f"{prefix}:{queue_name}:failed")
+    return int(completed), int(failed)

@@ -37,7 +37,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from _harness import SIM_MODEL, Child, machine, simulator, table, valkey_server, worker_env
+from _harness import (
+    SIM_MODEL,
+    Child,
+    finished,
+    machine,
+    simulator,
+    table,
+    valkey_server,
+    worker_env,
+)
 from redis.asyncio import Redis
 
 from flow_api.jobs import JobData
@@ -94,12 +103,6 @@ async def fill(redis: Redis, queue_name: str, jobs: int, scenario: Scenario) -> 
     return queue
 
 
-async def counts(redis: Redis, queue_name: str) -> tuple[int, int]:
-    completed = await redis.zcard(f"{PREFIX}:{queue_name}:completed")
-    failed = await redis.zcard(f"{PREFIX}:{queue_name}:failed")
-    return int(completed), int(failed)
-
-
 def env_for(
     valkey_url: str, queue_name: str, sim_url: str, extra: dict[str, str]
 ) -> dict[str, str]:
@@ -138,11 +141,11 @@ async def run(valkey_url: str, scenario: Scenario, args: argparse.Namespace) -> 
                 await asyncio.to_thread(child.wait_for, "worker consuming queue")
             await queue.resume()
             await asyncio.sleep(warm)
-            done0, _ = await counts(redis, queue_name)
+            done0, _ = await finished(redis, queue_name, PREFIX)
             warm_stats = await asyncio.to_thread(sim_stats, sim.url)
             measured_from = time.monotonic()
             await asyncio.sleep(args.seconds)
-            done1, failed = await counts(redis, queue_name)
+            done1, failed = await finished(redis, queue_name, PREFIX)
             seconds = time.monotonic() - measured_from
             stats = await asyncio.to_thread(sim_stats, sim.url)
             for child in children:
@@ -207,7 +210,7 @@ async def greedy(valkey_url: str, sim_args: list[str]) -> tuple[float, str]:
 
 async def _wait_done(redis: Redis, queue_name: str, n: int) -> None:
     for _ in range(600):
-        done, failed = await counts(redis, queue_name)
+        done, failed = await finished(redis, queue_name, PREFIX)
         if done + failed >= n:
             return
         await asyncio.sleep(0.05)

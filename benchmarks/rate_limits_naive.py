@@ -45,6 +45,7 @@ from _harness import (
     PROVIDER_KEY,
     SIM_MODEL,
     Child,
+    finished,
     machine,
     python_child,
     simulator,
@@ -136,12 +137,6 @@ async def fill(redis: Redis, queue_name: str, jobs: int, setup: str) -> Queue:
     return queue
 
 
-async def counts(redis: Redis, queue_name: str) -> tuple[int, int]:
-    completed = await redis.zcard(f"{PREFIX}:{queue_name}:completed")
-    failed = await redis.zcard(f"{PREFIX}:{queue_name}:failed")
-    return int(completed), int(failed)
-
-
 def consumers(
     setup: str, args: argparse.Namespace, redis_url: str, queue: str, sim: str
 ) -> list[Child]:
@@ -178,10 +173,10 @@ async def run(valkey_url: str, setup: str, args: argparse.Namespace) -> Result:
                 await asyncio.to_thread(child.wait_for, ready)
             await queue.resume()
             await asyncio.sleep(args.warm_up)
-            done0, _ = await counts(redis, queue_name)
+            done0, _ = await finished(redis, queue_name, PREFIX)
             measured_from = time.monotonic()
             await asyncio.sleep(args.seconds)
-            done1, failed = await counts(redis, queue_name)
+            done1, failed = await finished(redis, queue_name, PREFIX)
             seconds = time.monotonic() - measured_from
             stats = await asyncio.to_thread(sim_stats, sim.url)
             for child in children:
