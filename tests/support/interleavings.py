@@ -437,16 +437,27 @@ class Driver:
             await asyncio.sleep(rng.uniform(0, 0.3))
         elif roll < 0.94:
             self.model.actions["worker SIGKILL"] += 1
+            await self._until_serving()
             await self._disrupting()
             self.stack.kill_worker(rng.random())
         elif roll < 0.985:
             self.model.actions["worker SIGTERM"] += 1
+            await self._until_serving()
             await self._disrupting()
             self._spawn(self._term(rng.random()))
         else:
             self.model.actions["Valkey restart"] += 1
             await self._disrupting()
             await self.stack.restart_valkey(rng.random() < 0.5, rng.uniform(0.3, 1.5))
+
+    async def _until_serving(self, timeout_s: float = 30) -> None:
+        """Wait until some worker serves: on a loaded machine a worker takes many seconds to
+        start, and crashes drawn faster than that kill only workers still starting (seen: no
+        provider call ever in flight at a crash), so no crash would ever cut a call."""
+        deadline = time.monotonic() + timeout_s
+        while not self.stack.serving_workers() and time.monotonic() < deadline:
+            self.progress = time.monotonic()
+            await asyncio.sleep(0.1)
 
     async def _disrupting(self) -> None:
         """Count what a crash or restart may make run twice (the bound checked): every job a
@@ -853,7 +864,8 @@ class Driver:
             f"jobs: {len(model.jobs)} acknowledged, final {dict(statuses)}; cancels won "
             f"{len(model.cancel_won)}, lost {len(model.cancel_lost)}; at crashes and "
             f"restarts: {model.in_flight_at_disruptions} jobs held, "
-            f"{model.calls_at_disruptions} provider calls in flight",
+            f"{model.calls_at_disruptions} provider calls in flight (at most "
+            f"{self.stack.simulator.stats.max_in_flight} at once in the run)",
             f"replay: FLOW_SOAK_SEED={self.seed} FLOW_SOAK_STEPS={self.steps}",
         ]
         lines += [f"VIOLATION: {v}" for v in model.violations[:30]]
