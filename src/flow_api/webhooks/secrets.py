@@ -74,14 +74,17 @@ class SecretStore:
         key = webhook_secret_key(self.queue_name, tenant)
         before = await self.get(tenant)
         fresh = TenantSecrets(current=new_secret())
-        fields: dict[str | bytes, str | bytes] = {"current": fresh.current}
+        fields = [("current", fresh.current)]
         if before is not None and grace_s > 0:
             fresh = TenantSecrets(fresh.current, before.current, now_ms() + grace_s * 1000)
-            fields["previous"] = before.current
-            fields["previousUntil"] = str(fresh.previous_until_ms)
+            fields += [
+                ("previous", before.current),
+                ("previousUntil", str(fresh.previous_until_ms)),
+            ]
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(key)
-            pipe.hset(key, mapping=fields)
+            for name, value in fields:
+                pipe.hset(key, name, value)
             await pipe.execute()
         return fresh
 
