@@ -45,7 +45,10 @@ async def test_a_failed_job_sends_job_failed_with_its_error(
 
 
 async def test_a_cancel_racing_the_finish_sends_one_event_of_the_final_status(
-    api: Api, start_worker: WorkerFactory, receiver: Receiver, settings: Settings,
+    api: Api,
+    start_worker: WorkerFactory,
+    receiver: Receiver,
+    settings: Settings,
     simulator: Simulator,
 ) -> None:
     """Cancels aimed at the moment each job finishes: whichever side wins, the receiver gets
@@ -78,7 +81,9 @@ async def test_a_cancel_racing_the_finish_sends_one_event_of_the_final_status(
 
 
 async def test_a_worker_killed_mid_delivery_leaves_it_to_another(
-    valkey: EmbeddedValkey, simulator: Simulator, receiver: Receiver,
+    valkey: EmbeddedValkey,
+    simulator: Simulator,
+    receiver: Receiver,
     start_worker: WorkerFactory,
 ) -> None:
     """The receiver holds the first request; the worker sending it is killed (SIGKILL); another
