@@ -25,6 +25,8 @@ from flow_api.models import MAX_WEBHOOK_URL_BYTES
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 FIELD = "options.webhook.url"
+RESOLVE_TIMEOUT_S = 5.0
+"""A submit waits at most this long for DNS (the resolver's own retries can take far longer)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +157,10 @@ async def resolve(host: str, port: int) -> tuple[IPAddress, ...]:
         pass
     loop = asyncio.get_running_loop()
     try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        async with asyncio.timeout(RESOLVE_TIMEOUT_S):
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except TimeoutError:
+        raise _refuse(f"the webhook host {host!r} did not resolve within 5 s") from None
     except (OSError, UnicodeError) as exc:
         raise _refuse(f"the webhook host {host!r} does not resolve: {exc}") from None
     found: dict[IPAddress, None] = {}

@@ -34,14 +34,14 @@ class Subscriptions:
             webhook = requested or await self.defaults.get(tenant)
             if webhook is None:
                 return None
-            if requested is not None:
-                await check_url(requested.url, self.allow)
             if not await self.secrets.exists(tenant):
                 raise WebhookSecretMissing(
                     f"tenant {tenant!r} has no webhook signing secret yet; an admin creates one "
                     f"with `flow-api webhooks secret rotate --tenant {tenant}`",
                     field="options.webhook",
                 )
+        if requested is not None:  # after the cheap refusals: this one may ask DNS
+            await check_url(requested.url, self.allow)
         return webhook
 
     async def register(self, job_id: str) -> None:
