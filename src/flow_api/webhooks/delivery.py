@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import Any
 
 import httpx
@@ -30,7 +31,15 @@ USER_AGENT = "flow-api-webhooks/1"
 class Sender:
     """Sends deliveries; one HTTP connection pool for the worker process (`aclose()` it)."""
 
-    def __init__(self, settings: WebhookSettings, secrets: SecretStore, attempts: AttemptLog):
+    def __init__(
+        self,
+        settings: WebhookSettings,
+        secrets: SecretStore,
+        attempts: AttemptLog,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """`tls`: the context checking receivers' certificates (default: httpx's, the system's
+        trusted CAs)."""
         self.settings = settings
         self.allow = AllowList.parse(settings.allow_hosts)
         self.secrets = secrets
@@ -38,6 +47,7 @@ class Sender:
         self.client = httpx.AsyncClient(
             follow_redirects=False,
             trust_env=False,
+            verify=tls if tls is not None else True,
             timeout=httpx.Timeout(settings.timeout_s),
         )
 
