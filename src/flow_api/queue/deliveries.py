@@ -7,30 +7,24 @@ id. Retries are BullMQ delayed jobs, so a receiver down for hours costs no proce
 while it waits. The delivery job's id is the event id: adding the same event twice (two
 sweeps, or a sweep repeated after a crash) keeps the one job.
 
-The stock bullmq `Worker` runs the deliveries: unlike generation jobs they are few, so its
-cost per job at high concurrency (see `slot_worker`) does not matter here.
+The consumer (worker processes only) is in `queue/delivery_worker.py`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import math
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from bullmq import Queue, UnrecoverableError, Worker
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from bullmq import Queue
+from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
 from flow_api.models import WebhookEventType
 from flow_api.queue.connection import redis_errors_as_unavailable
-from flow_api.settings import RedisSettings, WebhookSettings, WorkerSettings
-
-log = logging.getLogger(__name__)
+from flow_api.settings import RedisSettings, WorkerSettings
 
 BACKOFF_TYPE = "flow-webhook"
 
@@ -73,6 +67,10 @@ def retry_delay_ms(schedule_s: list[float], jitter: float, attempts_made: int) -
     return max(1, math.ceil(base * (1 + random.uniform(-jitter, jitter))))
 
 
+Send = Callable[[Delivery, int], Awaitable[None]]
+"""Sends one attempt (`attempt` 1 for the first); raises `DeliveryFailed` to be retried."""
+
+
 class DeliveryQueue:
     """The producer side: queue an event's delivery (idempotent by event id)."""
 
@@ -100,67 +98,6 @@ class DeliveryQueue:
         await self.bull.close()
 
 
-Send = Callable[[Delivery, int], Awaitable[None]]
-"""Sends one attempt (`attempt` 1 for the first); raises `DeliveryFailed` to be retried."""
-
-
-class DeliveryConsumer:
-    """Runs `send` on delivery jobs with `concurrency` at a time until `stop()`."""
-
-    def __init__(
-        self,
-        redis_settings: RedisSettings,
-        worker: WorkerSettings,
-        webhook: WebhookSettings,
-        name: str,
-        send: Send,
-    ) -> None:
-        self.name = name
-        self.send = send
-        self.options: dict[str, Any] = {
-            "autorun": False,
-            "connection": redis_settings.url,
-            "prefix": redis_settings.prefix,
-            "concurrency": webhook.concurrency,
-            "lockDuration": worker.lock_duration_ms,
-            "stalledInterval": worker.stalled_interval_ms,
-            "maxStalledCount": worker.max_stalled,
-            "drainDelay": 1,  # bullmq's close() waits up to drainDelay seconds while idle
-            "runRetryDelay": 1000,
-            "settings": {
-                "backoffStrategy": lambda attempts, _type, _err, _job: retry_delay_ms(
-                    webhook.schedule_s, webhook.jitter, attempts
-                )
-            },
-        }
-        self.worker: Worker | None = None
-
-    async def _process(self, job: Any, _token: str) -> None:
-        try:
-            delivery = Delivery.model_validate(job.data)
-        except ValidationError as exc:  # not a delivery of ours: never retried
-            raise UnrecoverableError(f"not a webhook delivery: {exc}") from None
-        await self.send(delivery, int(job.attemptsMade) + 1)
-
-    async def run(self) -> None:
-        self.worker = Worker(self.name, self._process, self.options)
-        self.worker.on("error", _log_error)
-        await self.worker.run()
-
-    async def stop(self) -> None:
-        """Stop taking deliveries; one in flight gets a moment, then is left to the stalled
-        check (it is sent again: at-least-once)."""
-        if self.worker is None:
-            return
-        closing = asyncio.ensure_future(self.worker.close())
-        try:
-            await asyncio.wait_for(asyncio.shield(closing), 5)
-        except TimeoutError:
-            self.worker.cancelProcessing()
-            with contextlib.suppress(Exception):
-                await closing
-
-
 class AttemptLog:
     """Writes delivery attempts into the job's own log (read back by `history`)."""
 
@@ -172,7 +109,3 @@ class AttemptLog:
     async def record(self, job_id: str, entry: dict[str, Any]) -> None:
         key = self.job_key(job_id)
         await self._record(keys=[key, f"{key}:logs"], args=[orjson.dumps(entry).decode()])
-
-
-def _log_error(err: BaseException, *_: Any) -> None:
-    log.warning("webhook delivery worker error: %s: %s", type(err).__name__, err)

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 from redis.asyncio import Redis
 
 from flow_api.keys import webhook_pending_key, webhook_queue_name
-from flow_api.queue.deliveries import AttemptLog, DeliveryConsumer, DeliveryQueue
+from flow_api.queue.deliveries import AttemptLog, DeliveryQueue
+from flow_api.queue.delivery_worker import DeliveryConsumer
 from flow_api.queue.producer import JobQueue
 from flow_api.queue.store import JobStore
 from flow_api.settings import Settings
 from flow_api.webhooks.delivery import Sender
 from flow_api.webhooks.outbox import Outbox, Sweeper
 from flow_api.webhooks.secrets import SecretStore
+
+log = logging.getLogger(__name__)
 
 
 class WebhookRunner:
@@ -43,6 +47,9 @@ class WebhookRunner:
         ]
         try:
             await asyncio.gather(*self._tasks)
+        except Exception:
+            log.exception("webhook sweeps and deliveries stopped in this worker process")
+            raise
         finally:
             for task in self._tasks:
                 task.cancel()
