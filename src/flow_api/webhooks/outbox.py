@@ -113,7 +113,12 @@ class Sweeper:
         self._rank = int(following)
         queued = 0
         for job_id in ended:
-            queued += await self._queue_event(str(job_id))
+            try:
+                queued += await self._queue_event(str(job_id))
+            except (*REDIS_TROUBLE, FlowError):
+                raise  # the whole pass waits for Redis
+            except Exception:  # a bug in one job's event: the others still go
+                log.exception("job %s: its webhook event could not be queued", job_id)
         return queued
 
     async def _queue_event(self, job_id: str) -> int:
@@ -159,5 +164,7 @@ class Sweeper:
                 log.warning("webhook sweep failed (%s); trying again", type(exc).__name__)
             except FlowError as exc:
                 log.warning("webhook sweep failed: %s", exc)
+            except Exception:  # a bug: said loudly, and the entries stay for the next pass
+                log.exception("webhook sweep failed")
             if self._rank == 0:
                 await asyncio.sleep(interval_s)
