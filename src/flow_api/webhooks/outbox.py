@@ -29,6 +29,8 @@ from flow_api.queue.store import JobStore, StoredJob
 
 log = logging.getLogger(__name__)
 
+_PASS_FAILURES: tuple[type[BaseException], ...] = (*REDIS_TROUBLE, FlowError)
+
 ORPHAN_AFTER_MS = 600_000
 """An entry whose job does not exist this long after submit was never queued (the submit
 failed after registering it) or was removed: it is dropped."""
@@ -115,7 +117,7 @@ class Sweeper:
         for job_id in ended:
             try:
                 queued += await self._queue_event(str(job_id))
-            except (*REDIS_TROUBLE, FlowError):
+            except _PASS_FAILURES:
                 raise  # the whole pass waits for Redis
             except Exception:  # a bug in one job's event: the others still go
                 log.exception("job %s: its webhook event could not be queued", job_id)
