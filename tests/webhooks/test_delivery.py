@@ -28,6 +28,7 @@ async def test_a_failing_receiver_gets_the_same_event_until_it_answers_200(
     assert payload["data"]["jobId"] == job_id
     assert payload["data"]["status"] == "completed"
     assert payload["data"]["metadata"] == {"run": 7}
+    assert payload["timestamp"] == payload["data"]["finishedAt"]
     assert got[0].headers["content-type"] == "application/json"
     record = await api.record(job_id)
     attempts = record["webhooks"]

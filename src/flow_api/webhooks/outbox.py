@@ -69,7 +69,8 @@ def event_body(history: JobHistory) -> tuple[WebhookEventType, str]:
     view = history.view
     kind = WebhookEventType(view.status.value)
     at = view.finished_at or view.created_at
-    body = {"type": f"job.{kind.value}", "timestamp": at.isoformat(), "data": view.wire()}
+    stamp = at.isoformat().replace("+00:00", "Z")  # as the API writes times
+    body = {"type": f"job.{kind.value}", "timestamp": stamp, "data": view.wire()}
     return kind, orjson.dumps(body).decode()
 
 
