@@ -14,6 +14,8 @@ from typing import Any
 from bullmq import UnrecoverableError, Worker
 from pydantic import ValidationError
 
+from flow_api.queue.backoff import RedisBackoff
+from flow_api.queue.connection import REDIS_TROUBLE
 from flow_api.queue.deliveries import Delivery, Send, retry_delay_ms
 from flow_api.queue.slot_worker import MAX_BLOCK_S
 from flow_api.settings import RedisSettings, WebhookSettings, WorkerSettings
@@ -22,11 +24,29 @@ log = logging.getLogger(__name__)
 
 
 class _DeliveryWorker(Worker):  # type: ignore[misc]  # bullmq ships no type information
+    def __init__(self, name: str, processor: Any, opts: dict[str, Any]) -> None:
+        super().__init__(name, processor, opts)
+        self.backoff = RedisBackoff()
+
     @property
     def maximumBlockTimeout(self) -> float:
         # As in `slot_worker`: a blocking wait past redis-py's socket timeout made delayed
         # jobs (here: retries) start up to minutes late.
         return MAX_BLOCK_S
+
+    async def getNextJob(self, token: str) -> Any:
+        # bullmq's loop retries a failed take at once: against a Redis refusing writes (out of
+        # memory) that was a thousand takes, and log lines, a second. Back off as the slots do.
+        await self.backoff.wait()
+        try:
+            job = await super().getNextJob(token)
+        except REDIS_TROUBLE as exc:
+            if self.closing:
+                return None
+            await self.backoff.failed("webhook take", exc)
+            return None
+        self.backoff.succeeded()
+        return job
 
 
 class DeliveryConsumer:
