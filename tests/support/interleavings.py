@@ -320,6 +320,18 @@ class Stack:
         return "\n".join(p.read_text(errors="replace") for p in self.root.glob("worker-*.log"))
 
 
+def _awaiting(task: asyncio.Task[Any]) -> str:
+    """Where a task waits, outermost first: its coroutine's chain of awaits (`get_stack` shows
+    a suspended coroutine's outermost frame only)."""
+    where, coro = [], task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            where.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return " -> ".join(where) or repr(task)
+
+
 # --- the driver ---------------------------------------------------------------------------
 
 
@@ -384,9 +396,7 @@ class Driver:
                 continue
             lines = [f"driver made no progress for {stall_s:.0f} s; tasks:"]
             for task in asyncio.all_tasks():
-                frames = task.get_stack(limit=8)
-                where = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(frames))
-                lines.append(f"  {task.get_name()}: {where}")
+                lines.append(f"  {task.get_name()}: {_awaiting(task)}")
             for line in lines:
                 print(f"VIOLATION: stall | {line}", flush=True)
             self.model.violations.append("\n".join(lines))
