@@ -50,7 +50,16 @@ from typing import Any
 
 import orjson
 import psutil
-from _harness import PROVIDER_KEY, SIM_MODEL, Child, machine, simulator, table, valkey_server
+from _harness import (
+    PROVIDER_KEY,
+    SIM_MODEL,
+    Child,
+    Profiler,
+    machine,
+    simulator,
+    table,
+    valkey_server,
+)
 from redis.asyncio import Redis
 
 from flow_api.embedded import free_port
@@ -256,9 +265,8 @@ def start_node(reference: Path, redis_url: str, sim_url: str, scenario: Scenario
     )
     api = Child(["node", str(reference / "dist" / "api.js")], env=env)
     worker = Child(["node", str(reference / "dist" / "worker.js")], env=env)
-    api.wait_for("listening on")
-    worker.wait_for("worker on queue")
-    return Stack("node", api, worker, f"http://127.0.0.1:{port}", queue_name)
+    stack = Stack("node", api, worker, f"http://127.0.0.1:{port}", queue_name)
+    return _ready(stack, "listening on", "worker on queue")
 
 
 def start_ours(redis_url: str, sim_url: str, scenario: Scenario) -> Stack:
@@ -278,9 +286,19 @@ def start_ours(redis_url: str, sim_url: str, scenario: Scenario) -> Stack:
     flow = [sys.executable, "-m", "flow_api.cli"]
     api = Child([*flow, "api"], env=env)
     worker = Child([*flow, "worker"], env=env)
-    api.wait_for("Application startup complete")
-    worker.wait_for("worker consuming queue")
-    return Stack("ours", api, worker, f"http://127.0.0.1:{port}", queue_name)
+    stack = Stack("ours", api, worker, f"http://127.0.0.1:{port}", queue_name)
+    return _ready(stack, "Application startup complete", "worker consuming queue")
+
+
+def _ready(stack: Stack, api_says: str, worker_says: str) -> Stack:
+    """`stack` once both processes said they are ready; stopped if either never does."""
+    try:
+        stack.api.wait_for(api_says)
+        stack.worker.wait_for(worker_says)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
 
 
 # --- one run ---------------------------------------------------------------------------------
@@ -318,7 +336,12 @@ async def finished(redis: Redis, queue_name: str) -> tuple[int, int]:
 
 
 async def measure(
-    stack: Stack, scenario: Scenario, redis: Redis, valkey_pid: int, clients: int
+    stack: Stack,
+    scenario: Scenario,
+    redis: Redis,
+    valkey_pid: int,
+    clients: int,
+    profile_dir: Path | None = None,
 ) -> Run:
     await asyncio.sleep(1.0)  # both stacks settle alike after saying they are ready
     loader = Child(
@@ -330,6 +353,9 @@ async def measure(
     )
     try:
         await asyncio.to_thread(loader.wait_for, "ready")
+        pids = [stack.api.pid, stack.worker.pid] if stack.name == "ours" else []
+        profiler = Profiler(pids, profile_dir, f"{stack.name}-{scenario.key}-{os.urandom(2).hex()}")
+        profiler.start()
         api_meter, worker_meter = TreeMeter(stack.api.pid), TreeMeter(stack.worker.pid)
         valkey_meter = TreeMeter(valkey_pid)
         for meter in (api_meter, worker_meter, valkey_meter):
@@ -348,6 +374,7 @@ async def measure(
         took = time.perf_counter() - started
         for meter in (api_meter, worker_meter, valkey_meter):
             meter.stop()
+        profiler.stop()
         line = await asyncio.to_thread(loader.wait_for, "result {", FINISH_TIMEOUT_S)
         result: dict[str, Any] = orjson.loads(line.strip().removeprefix("result "))
     finally:
@@ -515,8 +542,25 @@ def started(stack: Stack) -> Iterator[Stack]:
         stack.stop()
 
 
+async def one_run(
+    name: str,
+    args: argparse.Namespace,
+    scenario: Scenario,
+    redis_url: str,
+    sim_url: str,
+    redis: Redis,
+) -> Run:
+    """Start `name`'s stack fresh, measure it, stop it."""
+    if name == "node":
+        stack = start_node(args.reference, redis_url, sim_url, scenario)
+    else:
+        stack = start_ours(redis_url, sim_url, scenario)
+    with started(stack):
+        return await measure(stack, scenario, redis, args.valkey_pid, args.clients, args.py_spy)
+
+
 async def main(args: argparse.Namespace) -> None:
-    reference = node_reference(args)
+    reference = args.reference = node_reference(args)
     scenarios = [s for s in SCENARIOS if s.key in args.only.split(",")]
     if args.quick:
         scenarios = [Scenario(s.key, s.concurrency, s.latency_s, s.jobs // 2) for s in scenarios]
@@ -531,7 +575,7 @@ async def main(args: argparse.Namespace) -> None:
     with valkey_server() as valkey:
         redis = Redis.from_url(valkey.url)
         assert valkey.process is not None
-        valkey_pid = valkey.process.pid
+        args.valkey_pid = valkey.process.pid
         try:
             for scenario in scenarios:
                 print(f"scenario {scenario.label}", flush=True)
@@ -541,14 +585,7 @@ async def main(args: argparse.Namespace) -> None:
                     for round_no in range(1, args.rounds + 1):
                         order = ("node", "ours") if round_no % 2 else ("ours", "node")
                         for name in order:
-                            if name == "node":
-                                stack = start_node(reference, valkey.url, sim.url, scenario)
-                            else:
-                                stack = start_ours(valkey.url, sim.url, scenario)
-                            with started(stack):
-                                run = await measure(
-                                    stack, scenario, redis, valkey_pid, args.clients
-                                )
+                            run = await one_run(name, args, scenario, valkey.url, sim.url, redis)
                             (node_runs if name == "node" else our_runs).append(run)
                             rows.append(row(scenario, round_no, run))
                             print("  " + " ".join(str(c) for c in rows[-1]), flush=True)
@@ -589,6 +626,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", default="1,2,3", help="scenarios to run, e.g. 1,3")
     parser.add_argument("--clients", type=int, default=64, help="load generator connections")
     parser.add_argument("--node-reference", type=Path, help="a built copy of the Node reference")
+    parser.add_argument(
+        "--py-spy", type=Path, help="record our processes with py-spy (raw stacks) into this folder"
+    )
     parser.add_argument("--child-url", dest="url", help=argparse.SUPPRESS)
     parser.add_argument("--jobs", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
