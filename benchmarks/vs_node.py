@@ -24,11 +24,12 @@ its child processes), peak RSS per process, and the valkey-server's CPU per job.
 which stack goes first, so drifting load on a shared machine hits both alike; the summary shows
 each scenario's median and the ratios ours/node. Asserts nothing.
 
-    python benchmarks/vs_node.py [--rounds 3] [--quick] [--only 1,2,3] [--node-reference PATH]
+    python benchmarks/vs_node.py [--rounds 3] [--quick] [--scale 1] [--only 1,2,3]
+        [--node-reference PATH] [--py-spy DIR]
 
 Scenarios (the issue's): 1: worker concurrency 1000, 1 s calls, 4000 jobs; 2: concurrency 50,
-instant calls, 2000 jobs; 3: concurrency 100, 200 ms calls, 2000 jobs. `--quick`: one round,
-half the jobs.
+instant calls, 2000 jobs; 3: concurrency 100, 200 ms calls, 2000 jobs. `--scale F` multiplies
+the job counts (a loaded machine runs fewer); `--quick`: one round, half the jobs.
 """
 
 from __future__ import annotations
@@ -562,8 +563,12 @@ async def one_run(
 async def main(args: argparse.Namespace) -> None:
     reference = args.reference = node_reference(args)
     scenarios = [s for s in SCENARIOS if s.key in args.only.split(",")]
-    if args.quick:
-        scenarios = [Scenario(s.key, s.concurrency, s.latency_s, s.jobs // 2) for s in scenarios]
+    if args.scale != 1:
+        scenarios = [
+            Scenario(s.key, s.concurrency, s.latency_s, max(1, round(s.jobs * args.scale)))
+            for s in scenarios
+        ]
+    print(f"command: python benchmarks/vs_node.py {' '.join(sys.argv[1:])}")
     print(f"machine: {machine()}")
     print(f"node reference: {reference}; node {args.node_version}")
     print(
@@ -623,6 +628,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=int, default=3, help="alternated rounds per scenario")
     parser.add_argument("--quick", action="store_true", help="one round, half the jobs")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="multiply every scenario's job count"
+    )
     parser.add_argument("--only", default="1,2,3", help="scenarios to run, e.g. 1,3")
     parser.add_argument("--clients", type=int, default=64, help="load generator connections")
     parser.add_argument("--node-reference", type=Path, help="a built copy of the Node reference")
@@ -633,7 +641,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds = 1
+        args.rounds, args.scale = 1, args.scale / 2
     return args
 
 
