@@ -118,20 +118,6 @@ async def test_priorities_hold_within_a_tenant(settings: Settings, redis: Redis)
     assert [prompt for _, prompt in taken] == ["none", "p1", "p3", "p5", "p5b"]
 
 
-async def test_a_submit_after_redis_forgot_the_scripts_is_held_all_the_same(
-    settings: Settings, redis: Redis
-) -> None:
-    # The add and the hold go in one pipeline by their SHAs; a restarted Redis has neither.
-    queue = producer(redis, settings)
-    await queue.enqueue(job("a", "before"))
-    await redis.script_flush()
-    job_id = await queue.enqueue(job("a", "after", priority=2), priority=2)
-    line = f"{settings.redis.prefix}:{settings.redis.queue_name}:fair:t:a"
-    assert job_id in await redis.zrange(line, 0, -1)
-    taken = await run_until(settings, 2)
-    assert [prompt for _, prompt in taken] == ["before", "after"]
-
-
 async def test_jobs_queued_before_the_upgrade_still_run_first(
     settings: Settings, redis: Redis
 ) -> None:

@@ -41,7 +41,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 
 PRIORITY_SPAN = 4_294_967_296
 """BullMQ scores a prioritized job `priority * 2**32 + counter`; tenant lines do the same, with
@@ -143,30 +142,21 @@ class FairShare:
     async def hold(self, tenant: str, jobs: Sequence[tuple[str, int]]) -> int:
         """Move `(job id, priority)` jobs just added by bullmq into `tenant`'s line; returns
         how many were still waiting (a job a worker already took runs as it is)."""
-        keys, args = self.hold_call(tenant, jobs)
-        return int(await self._hold(keys=keys, args=args))
-
-    @property
-    def hold_script(self) -> AsyncScript:
-        """The hold script (for a caller that sends it in a pipeline with `hold_call`)."""
-        return self._hold
-
-    def hold_call(
-        self, tenant: str, jobs: Sequence[tuple[str, int]]
-    ) -> tuple[list[str], list[str | float | int]]:
-        """The keys and arguments of `hold`'s script."""
         key = self._queue_key
         args: list[str | float | int] = [tenant, repr(self.stride(tenant))]
         for job_id, priority in jobs:
             args += [job_id, priority]
-        keys = [
-            f"{key}wait",
-            f"{key}prioritized",
-            f"{key}fair:ring",
-            line_key(key, tenant),
-            f"{key}fair:stride",
-            f"{key}fair:vtime",
-            f"{key}fair:seq",
-            f"{key}fair:waiting",
-        ]
-        return keys, args
+        reply = await self._hold(
+            keys=[
+                f"{key}wait",
+                f"{key}prioritized",
+                f"{key}fair:ring",
+                line_key(key, tenant),
+                f"{key}fair:stride",
+                f"{key}fair:vtime",
+                f"{key}fair:seq",
+                f"{key}fair:waiting",
+            ],
+            args=args,
+        )
+        return int(reply)

@@ -11,9 +11,9 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from bullmq import Job, Queue
+from bullmq import Queue
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from flow_api.errors import JobNotFound
 from flow_api.jobs import JobData, now_ms
@@ -73,26 +73,6 @@ def valid_job_id(job_id: str) -> bool:
     return _JOB_ID.fullmatch(job_id) is not None
 
 
-def _add_script(job: Job) -> str:
-    """Which of bullmq's add scripts `Scripts.addJob` runs for `job` (we add no delayed job)."""
-    return "addPrioritizedJob" if job.opts.get("priority") else "addStandardJob"
-
-
-def _add_call(queue: Queue, job: Job) -> tuple[list[str], list[Any]]:
-    """The keys and arguments bullmq's `addStandardJob`/`addPrioritizedJob` sends for `job`
-    (the same lists as `Scripts.addStandardJob`, which sends them itself)."""
-    scripts = queue.backend.scripts
-    if job.opts.get("priority"):
-        names = ["marker", "meta", "id", "prioritized", "delayed", "completed", "active"]
-        names += ["events", "pc"]
-    else:
-        names = ["wait", "paused", "meta", "id", "completed", "delayed", "active", "events"]
-        names += ["marker"]
-    args = scripts.addJobArgs(job)
-    args.append(job.timestamp)
-    return scripts.getKeys(names), args
-
-
 def job_options(settings: WorkerSettings, job_id: str, priority: int | None) -> dict[str, Any]:
     """BullMQ's options for one of our jobs (BullMQ's camelCase stays in this package)."""
     keep = {"age": settings.retention_s}
@@ -132,37 +112,9 @@ class JobQueue:
     ) -> str:
         """Durably add a job; returns its id (by default a new random one)."""
         job_id = job_id or new_job_id()
-        opts = job_options(self.worker, job_id, priority)
-        if self.fair_share is None:
-            with redis_errors_as_unavailable():
-                await self.bull.add(JOB_NAME, data.wire(), opts)
-            return job_id
-        # bullmq's add and the move into the tenant's line in one round trip (a pipeline, not
-        # a transaction: a job a worker takes in between runs as a plain job, as before).
-        job = Job(self.bull, JOB_NAME, data.wire(), {**self.bull.jobsOpts, **opts})
-        hold_keys, hold_args = self.fair_share.hold_call(data.tenant, [(job_id, priority or 0)])
-        hold = self.fair_share.hold_script
         with redis_errors_as_unavailable():
-            add_keys, add_args = _add_call(self.bull, job)
-            add = self.bull.backend.scripts.commands[_add_script(job)]
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.evalsha(add.sha, len(add_keys), *add_keys, *add_args)
-                pipe.evalsha(hold.sha, len(hold_keys), *hold_keys, *hold_args)
-                added, held = await pipe.execute(raise_on_error=False)
-            if isinstance(added, NoScriptError):  # a restarted Redis forgot them: as before
-                await self.bull.add(JOB_NAME, data.wire(), opts)
-                await self._hold(data.tenant, [(job_id, priority or 0)])
-                return job_id
-            if isinstance(added, Exception):
-                raise added
-        if isinstance(added, int) and added < 0:
-            raise self.bull.backend.scripts.finishedErrors(
-                {"code": added, "parentKey": job.parentKey, "command": "addJob"}
-            )
-        if isinstance(held, NoScriptError):
-            await self._hold(data.tenant, [(job_id, priority or 0)])
-        elif isinstance(held, Exception):
-            log.warning("job %s queued without its tenant's line (%s)", job_id, type(held).__name__)
+            await self.bull.add(JOB_NAME, data.wire(), job_options(self.worker, job_id, priority))
+        await self._hold(data.tenant, [(job_id, priority or 0)])
         return job_id
 
     async def enqueue_many(self, jobs: Sequence[JobData], batch: int = 500) -> list[str]:
