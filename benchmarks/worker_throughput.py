@@ -20,7 +20,7 @@ Scenarios:
   a  stock: one bullmq `Worker(concurrency=C)`, processor `ChatOpenAI(...)` with its defaults
      (httpx transport)
   b  ours: `flow-api worker` (FLOW_WORKER_CONCURRENCY=C), OpenAI provider on the simulator
-  c  the same chat model alone: our provider's `ChatOpenAI` called C at a time with
+  c  the same chat model alone: our provider's chat model called C at a time with
      `asyncio.gather` + a semaphore, no queue: the floor (b) is measured against
   d  instant jobs (no-op processor): stock `Worker(concurrency=C)` vs our `QueueConsumer`
   e  scale-out: one vs two `flow-api worker` processes, each with --scale-concurrency slots

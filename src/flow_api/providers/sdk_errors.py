@@ -1,4 +1,5 @@
-"""Map the OpenAI and Anthropic SDK exceptions (same shape in both) to domain errors."""
+"""Map the OpenAI and Anthropic SDK exceptions (same shape in both), and those of our own
+OpenAI-compatible chat model, to domain errors."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from flow_api.errors import (
     ProviderTimeout,
     ProviderUnavailable,
 )
+from flow_api.providers.openai_compatible import MalformedAnswer, ProviderHTTPError
 from flow_api.providers.ratelimit_headers import ratelimit_headers
 from flow_api.redaction import redact_secrets
 
@@ -61,14 +63,19 @@ def map_sdk_error(exc: BaseException, sdk: Any) -> ProviderError | None:
         if isinstance(exc, sdk.APIError):  # malformed or unexpected body
             return ProviderUnavailable(f"the provider sent an unusable answer: {exc.message}")
         return None
-    status = exc.status_code
-    code = getattr(exc, "code", None)
-    detail = _detail(exc)
+    return map_status(
+        exc.status_code, getattr(exc, "code", None), _detail(exc), exc.response.headers
+    )
+
+
+def map_status(status: int, code: str | None, detail: str, headers: Any) -> ProviderError:
+    """The domain error of a provider's non-2xx answer: its status, the body's error `code`, its
+    message (`detail`, already scrubbed of credentials) and the answer's headers."""
     if status == 429:
         return ProviderRateLimited(
             f"rate limited by the provider: {detail}",
-            retry_after=retry_after_seconds(exc.response.headers),
-            ratelimit=ratelimit_headers(exc.response.headers),
+            retry_after=retry_after_seconds(headers),
+            ratelimit=ratelimit_headers(headers),
         )
     if status in (401, 403):
         return ProviderAuthFailed(f"the provider refused the credentials ({status}): {detail}")
@@ -79,6 +86,20 @@ def map_sdk_error(exc: BaseException, sdk: Any) -> ProviderError | None:
     if status in (408, 409) or status >= 500:
         return ProviderUnavailable(f"the provider failed ({status}): {detail}")
     return ProviderRejected(f"the provider rejected the request ({status}): {detail}")
+
+
+def map_http_error(exc: BaseException) -> ProviderError | None:
+    """Translate an exception of our own OpenAI-compatible chat model (`openai_compatible`) or
+    of its aiohttp transport; None if it is neither."""
+    if isinstance(exc, ProviderHTTPError):
+        return map_status(exc.status, exc.code, redact_secrets(exc.message)[:500], exc.headers)
+    if isinstance(exc, json.JSONDecodeError | MalformedAnswer):
+        return ProviderUnavailable(f"the provider sent a malformed answer: {exc}"[:300])
+    if isinstance(exc, TimeoutError):  # aiohttp's own timeouts are TimeoutErrors too
+        return ProviderTimeout("the provider did not answer in time")
+    if isinstance(exc, aiohttp.ClientError):  # refused, reset, dropped, a cut body
+        return ProviderUnavailable(f"could not reach the provider: {type(exc).__name__}")
+    return None
 
 
 def _refused(exc: BaseException) -> bool:
