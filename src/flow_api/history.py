@@ -32,6 +32,7 @@ from flow_api.models import (
     LogLine,
     Timings,
 )
+from flow_api.observability.tracing import trace_id_of
 from flow_api.queue.store import StoredJob
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -199,6 +200,7 @@ class JobHistory:
                 queue_ms=started - job.created_ms if started else None,
                 run_ms=finished - started if finished and started else None,
             ),
+            trace_id=trace_id_of(job.data.trace),
         )
 
 

@@ -10,11 +10,12 @@ from fastapi import FastAPI
 from flow_api.api.auth import AuthenticateFirst
 from flow_api.api.errors import install_error_handlers
 from flow_api.api.limits import BodySizeLimit
-from flow_api.api.routes import generate, health, jobs
+from flow_api.api.routes import generate, health, jobs, metrics, usage
 from flow_api.api.security import allowed_hosts, install_security
 from flow_api.auth.access import AccessControl
 from flow_api.auth.exposure import check_exposure
 from flow_api.idempotency import IdempotencyStore
+from flow_api.observability.metrics import configure_labels
 from flow_api.providers import ProviderRegistry, build_registry
 from flow_api.queue.admission import Admission
 from flow_api.queue.producer import job_queue
@@ -36,6 +37,7 @@ def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> 
             app.state.store = JobStore(queue)
             app.state.admission = Admission(queue, settings.admission)
             app.state.registry = providers
+            configure_labels(settings, providers)
             app.state.idempotency = IdempotencyStore(
                 queue.redis, settings.redis.queue_name, settings.api.idempotency_ttl_s
             )
@@ -60,6 +62,6 @@ def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> 
     )
     app.add_middleware(AuthenticateFirst)  # outside the body limit: a 401 reads no body
     install_security(app, settings.auth, allowed_hosts(settings))
-    for module in (generate, jobs, health):
+    for module in (generate, jobs, health, metrics, usage):
         app.include_router(module.router)
     return app

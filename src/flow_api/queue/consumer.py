@@ -123,6 +123,11 @@ class JobHandle:
         return int(self._job.opts.get("attempts") or 1)
 
     @property
+    def queued_at_ms(self) -> int:
+        """When the job was submitted (BullMQ's `timestamp`), in ms since the epoch."""
+        return int(self._job.timestamp or 0)
+
+    @property
     def starts(self) -> int:
         """How many times a worker has taken this job, this time included (BullMQ's `ats`)."""
         return max(int(self._job.attemptsStarted or 0), self.attempt)

@@ -21,6 +21,9 @@ from flow_api.api.responses import errors
 from flow_api.errors import FlowError, InvalidRequest
 from flow_api.jobs import JobData
 from flow_api.models import GenerateRequest, JobAccepted
+from flow_api.observability.metrics import METRICS
+from flow_api.observability.spans import SubmitSpanDep
+from flow_api.observability.tracing import carrier_of_current
 from flow_api.queue.admission import job_bytes
 from flow_api.queue.producer import new_job_id
 from flow_api.settings import ApiSettings, WorkerSettings
@@ -69,6 +72,7 @@ async def submit(
     admission: AdmissionDep,
     principal: SubmitterDep,
     access: AccessDep,
+    span: SubmitSpanDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JobAccepted:
@@ -78,10 +82,17 @@ async def submit(
     A 503 `queue_full` (with `Retry-After`) while the job store has no room for more jobs."""
     check_limits(body, settings.api, settings.worker)
     provider, model = registry.resolve(body.options)
-    data = JobData.submitted(body, provider=provider.name, model=model, tenant=principal.tenant)
+    data = JobData.submitted(
+        body,
+        provider=provider.name,
+        model=model,
+        tenant=principal.tenant,
+        trace=carrier_of_current(),
+    )
     size = job_bytes((body.prompt, body.options.system))
     await admission.admit(principal.tenant, size)  # or 503 queue_full: Redis keeps room to drain
     job_id = new_job_id()
+    span.set_attribute("flow.job_id", job_id)
     claim = None
     if idempotency_key is not None:
         fingerprint = orjson.dumps(body.wire(), option=orjson.OPT_SORT_KEYS)
@@ -106,6 +117,7 @@ async def submit(
         # record is never written.
         with contextlib.suppress(FlowError):
             await idempotency.accepted(claim)
+    METRICS.jobs_submitted.labels(*METRICS.job_labels(provider.name, model, principal.tenant)).inc()
     return _accepted(response, job_id)
 
 
