@@ -208,6 +208,9 @@ class AuthSettings(BaseSettings):
     requests_per_minute: int = Field(600, ge=0, description="submits per key; 0 = unlimited")
     rate_window_s: int = Field(60, ge=1, description="the window requests_per_minute counts over")
     tokens_per_day: int = Field(1_000_000, ge=0, description="tokens per key; 0 = unlimited")
+    spend_per_day: float = Field(
+        0, ge=0, description="spend per key and quota window, in FLOW_USAGE_CURRENCY; 0 = no cap"
+    )
     quota_window_s: int = Field(86_400, ge=1, description="the quota window; UTC days by default")
     estimate_completion_tokens: int = Field(
         1024, ge=1, description="completion tokens reserved at submit when maxTokens is unset"
@@ -347,9 +350,6 @@ class UsageSettings(BaseSettings):
         '"openai/*": ...} per million tokens, over the built-in table',
     )
     retention_days: int = Field(400, ge=1, le=3660, description="days of usage kept in Redis")
-    spend_per_day: float = Field(
-        0, ge=0, description="default spend cap per API key per quota window; 0 = none"
-    )
 
     def price_table(self) -> dict[str, Price]:
         """The built-in prices with this deployment's own on top."""

@@ -16,6 +16,7 @@ from flow_api.auth.access import AccessControl
 from flow_api.auth.exposure import check_exposure
 from flow_api.idempotency import IdempotencyStore
 from flow_api.observability.metrics import configure_labels
+from flow_api.observability.usage import PriceTable
 from flow_api.providers import ProviderRegistry, build_registry
 from flow_api.queue.admission import Admission
 from flow_api.queue.producer import job_queue
@@ -41,7 +42,12 @@ def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> 
             app.state.idempotency = IdempotencyStore(
                 queue.redis, settings.redis.queue_name, settings.api.idempotency_ttl_s
             )
-            app.state.access = AccessControl(settings.auth, queue.redis, settings.redis.queue_name)
+            app.state.access = AccessControl(
+                settings.auth,
+                queue.redis,
+                settings.redis.queue_name,
+                PriceTable(settings.usage),
+            )
             try:
                 yield
             finally:

@@ -13,6 +13,7 @@ from prometheus_client import start_http_server
 from redis.asyncio import Redis
 
 from flow_api.auth.quota import TokenQuota
+from flow_api.auth.spend import SpendCap
 from flow_api.budget import RateBudget
 from flow_api.heartbeat import INTERVAL_S, Heartbeat, write_heartbeat
 from flow_api.history import WORKER_ID
@@ -67,7 +68,7 @@ class FlowWorker:
         auth = self.settings.auth
         quota = TokenQuota(redis, self.settings.redis.queue_name, auth.quota_window_s)
         steps = [
-            Quota(quota),
+            Quota(quota, SpendCap(redis, self.settings.redis.queue_name, auth.quota_window_s, "")),
             Resolve(self.registry, self.settings.worker),
             Budget(self.budget),
             Record(),

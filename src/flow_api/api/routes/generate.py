@@ -102,12 +102,15 @@ async def submit(
         if earlier is not None:
             replayed = await idempotency.replay(claim, earlier, store.exists)
             return _accepted(response, replayed, replayed=True)
-    charge = None
+    charge = spend = None
     try:
         charge = await access.reserve_tokens(principal, body, job_id)  # or 429
-        await queue.enqueue(data.with_charge(charge), priority=body.options.priority, job_id=job_id)
+        spend = await access.reserve_spend(principal, body, data, job_id)  # or 429
+        data = data.with_charge(charge, spend)
+        await queue.enqueue(data, priority=body.options.priority, job_id=job_id)
     except Exception as error:
         await access.refund(charge, job_id)
+        await access.refund_spend(spend, job_id)
         if claim is not None and isinstance(error, FlowError):
             with contextlib.suppress(FlowError):  # unrecorded, the pending claim expires
                 await idempotency.failed(claim, error)
