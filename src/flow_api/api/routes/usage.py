@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from datetime import date, timedelta
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
+from pydantic import BeforeValidator
 
 from flow_api.api.auth import ReaderDep
 from flow_api.api.deps import SettingsDep
@@ -18,6 +20,18 @@ router = APIRouter(prefix="/api/ai", tags=["usage"])
 
 MAX_DAYS = 366
 DEFAULT_DAYS = 30
+_ISO_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def _iso_day(value: Any) -> Any:
+    # pydantic would also read a number as a Unix time ("0" as 1970-01-01): days are
+    # YYYY-MM-DD only, as the schema says.
+    if isinstance(value, str) and not _ISO_DAY.fullmatch(value):
+        raise ValueError("expected a day as YYYY-MM-DD")
+    return value
+
+
+Day = Annotated[date | None, BeforeValidator(_iso_day)]
 
 
 @router.get(
@@ -31,8 +45,8 @@ async def usage(
     request: Request,
     settings: SettingsDep,
     principal: ReaderDep,
-    first: Annotated[date | None, Query(alias="from", description="first UTC day")] = None,
-    last: Annotated[date | None, Query(alias="to", description="last UTC day")] = None,
+    first: Annotated[Day, Query(alias="from", description="first UTC day")] = None,
+    last: Annotated[Day, Query(alias="to", description="last UTC day")] = None,
     group_by: Annotated[Literal["model", "key"], Query(alias="groupBy")] = "model",
 ) -> UsageReport:
     """Days are UTC, both ends included; `to` defaults to today and `from` to 29 days before
