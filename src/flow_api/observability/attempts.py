@@ -142,7 +142,9 @@ class ObservedHandler:
         key_id = data.charge.key_id if data and data.charge else None
         model = f"{generation.provider}/{generation.model}"
         try:
-            await self.ledger.record(tenant, key_id, model, usage, generation.cost)
+            await self.ledger.record(
+                tenant, key_id, model, usage, generation.cost, pipelined=job.pipelined
+            )
         except FlowError as exc:  # the job's outcome matters more than its usage line
             METRICS.redis_errors.labels("usage").inc()
             log.warning("job %s: usage not recorded: %s", job.id, exc.code)

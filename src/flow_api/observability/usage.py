@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -67,6 +68,12 @@ class UsageLine:
     cost_micros: int
 
 
+Pipelined = Callable[[Callable[[Any], None], int], Awaitable[list[Any]]]
+"""Runs the commands a builder adds to a pipeline; their replies (`JobHandle.pipelined`)."""
+
+RECORD_COMMANDS = 2 * len(METRICS) + 1
+
+
 class UsageLedger:
     """Per-tenant daily usage totals in Redis: written by workers, read by the API."""
 
@@ -83,18 +90,30 @@ class UsageLedger:
         usage: Usage,
         cost: Cost | None,
         day: date | None = None,
+        pipelined: Pipelined | None = None,
     ) -> None:
-        """Add one completed job (`model` as `provider/model`) to its tenant's day."""
+        """Add one completed job (`model` as `provider/model`) to its tenant's day, through
+        `pipelined` (a worker's shared pipeline) or this ledger's own connection."""
         key = usage_day_key(self.queue_name, tenant, (day or today()).isoformat())
         micros = round((cost.amount if cost else 0) * MICROS)
         amounts = (1, usage.prompt_tokens, usage.completion_tokens, micros)
+
+        def build(pipe: Any) -> None:
+            for group in (f"m:{model}", f"k:{key_id or NO_KEY}"):
+                for metric, amount in zip(METRICS, amounts, strict=True):
+                    pipe.hincrby(key, f"{group}:{metric}", amount)
+            pipe.expire(key, self.ttl_s)
+
         with redis_errors_as_unavailable():
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for group in (f"m:{model}", f"k:{key_id or NO_KEY}"):
-                    for metric, amount in zip(METRICS, amounts, strict=True):
-                        pipe.hincrby(key, f"{group}:{metric}", amount)
-                pipe.expire(key, self.ttl_s)
-                await pipe.execute()
+            if pipelined is None:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    build(pipe)
+                    replies = await pipe.execute(raise_on_error=False)
+            else:
+                replies = await pipelined(build, RECORD_COMMANDS)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
 
     async def totals(self, tenant: str, first: date, last: date, group_by: str) -> list[UsageLine]:
         """Totals per model (`group_by="model"`) or per key id (`"key"`), first to last day."""

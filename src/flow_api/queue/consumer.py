@@ -184,6 +184,14 @@ class JobHandle:
         decision: bool = await worker.persist("finish", decide)
         return decision
 
+    async def pipelined(self, build: Callable[[Any], None], count: int) -> list[Any]:
+        """Run the `count` commands `build(pipe)` adds in the worker's shared pipeline of this
+        event-loop turn (one round trip for every slot's commands, on the worker's own
+        connection: at a thousand slots finishing together, a command each on a pool would
+        exhaust it). Replies in order, errors as exception objects."""
+        replies: list[Any] = await self._job.queue.pipelined(build, count)
+        return replies
+
     async def cancel_requested(self) -> bool:
         """True if a client has asked to cancel the job (one read)."""
         worker = self._job.queue
