@@ -68,7 +68,7 @@ async def test_counts_match_a_known_workload_across_two_worker_processes(
         for port in ports
     ]
     try:
-        await wait_for_workers(settings, 2)
+        await wait_for_workers(settings, 2, timeout_s=90)  # imports take long on a busy host
         completed = await asyncio.gather(*(api.submit(f"question {i}") for i in range(30)))
         rejected = await asyncio.gather(*(api.submit(f"[[sim:bad{i}:400]] x") for i in range(5)))
         retried = await asyncio.gather(

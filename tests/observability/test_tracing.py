@@ -106,7 +106,7 @@ async def test_json_log_lines_carry_the_job_tenant_attempt_and_trace(
     env = env_for(settings, FLOW_LOG_FORMAT="json")
     process = flow_api("worker", env=env)
     try:
-        await wait_for_workers(settings, 1)
+        await wait_for_workers(settings, 1, timeout_s=90)
         job_id = await api.submit(f"[[sim:json-logs:500,ok]] {secret_prompt}")
         assert (await api.wait(job_id))["status"] == "completed"
     finally:
