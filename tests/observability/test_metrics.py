@@ -10,9 +10,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from flow_api.embedded import free_port
 from flow_api.observability.metrics import OTHER, LabelPolicy
-from flow_api.settings import Settings
+from flow_api.settings import MetricsSettings, Settings
 from flow_api.testing import Simulator
-from tests.support import Api
+from tests.support import Api, serving
 from tests.support.processes import astop, env_for, flow_api, wait_for_workers
 
 Samples = dict[str, dict[frozenset[tuple[str, str]], float]]
@@ -140,3 +140,11 @@ def test_labels_stay_bounded() -> None:
     assert policy.model("openai", "any-name-a-client-sends") == OTHER
     policy.any_model_of = frozenset({"azure"})  # an allow-list bounds the names already
     assert policy.model("azure", "my-deployment") == "my-deployment"
+
+
+async def test_metrics_can_be_turned_off(settings: Settings) -> None:
+    off = settings.model_copy(update={"metrics": MetricsSettings(enabled=False)})
+    async with serving(off) as api:
+        answer = await api.client.get("/metrics")
+    assert answer.status_code == 404
+    assert answer.json()["error"]["code"]

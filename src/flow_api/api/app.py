@@ -68,6 +68,8 @@ def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> 
     )
     app.add_middleware(AuthenticateFirst)  # outside the body limit: a 401 reads no body
     install_security(app, settings.auth, allowed_hosts(settings))
-    for module in (generate, jobs, health, metrics, usage):
+    for module in (generate, jobs, health, usage):
         app.include_router(module.router)
+    if settings.metrics.enabled:
+        app.include_router(metrics.router)
     return app

@@ -24,17 +24,15 @@ log = logging.getLogger(__name__)
 )
 async def metrics(queue: QueueDep, settings: SettingsDep) -> Response:
     """Unauthenticated, like `/healthz`: serve it to Prometheus only (see the README), or turn
-    it off with `FLOW_METRICS_ENABLED=false`. Redis unreachable: the queue gauges are left out
-    and `flow_redis_errors_total{operation="scrape"}` counts it; the rest still answers."""
-    if settings.metrics.enabled:
-        METRICS.queue_jobs.clear()
-        try:
-            depth = await queue_depth(queue.redis, settings.redis)
-        except FlowError:
-            METRICS.redis_errors.labels("scrape").inc()
-        else:
-            for state, count in depth.items():
-                METRICS.queue_jobs.labels(state).set(count)
+    it off with `FLOW_METRICS_ENABLED=false` (no such route then). Redis unreachable: the
+    queue gauges are left out and `flow_redis_errors_total{operation="scrape"}` counts it; the
+    rest still answers."""
+    METRICS.queue_jobs.clear()
+    try:
+        depth = await queue_depth(queue.redis, settings.redis)
+    except FlowError:
+        METRICS.redis_errors.labels("scrape").inc()
     else:
-        return Response(status_code=404)
+        for state, count in depth.items():
+            METRICS.queue_jobs.labels(state).set(count)
     return Response(generate_latest(METRICS.registry), media_type=CONTENT_TYPE_LATEST)
