@@ -145,9 +145,10 @@ class ObservedHandler:
             await self.ledger.record(
                 tenant, key_id, model, usage, generation.cost, pipelined=job.pipelined
             )
-        except FlowError as exc:  # the job's outcome matters more than its usage line
-            METRICS.redis_errors.labels("usage").inc()
-            log.warning("job %s: usage not recorded: %s", job.id, exc.code)
+        except Exception as exc:  # the job's result must not be lost for its usage line
+            if isinstance(exc, FlowError):
+                METRICS.redis_errors.labels("usage").inc()
+            log.warning("job %s: usage not recorded: %s", job.id, type(exc).__name__)
 
 
 def observed_call(call: Call, prices: PriceTable) -> Call:
