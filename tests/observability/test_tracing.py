@@ -24,7 +24,7 @@ def hex_id(value: int, digits: int) -> str:
 async def spans_of(exporter: InMemorySpanExporter, job_id: str, count: int) -> list[ReadableSpan]:
     """The spans of the job's trace once `count` of them have ended (the attempt span ends
     just after the job's status turns final)."""
-    for _ in range(200):
+    for _ in range(1000):  # 20 s: a loaded host can be slow to end a span
         submit = [
             s for s in exporter.get_finished_spans() if s.attributes.get("flow.job_id") == job_id
         ]

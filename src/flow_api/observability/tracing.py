@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.propagate import extract, inject
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+if TYPE_CHECKING:  # the SDK is imported only when traces are on (it adds to every start-up)
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
 TRACER_NAME = "flow_api"
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -53,10 +54,14 @@ def configure_tracing(role: str, processor: SpanProcessor | None = None) -> Trac
     environment asks for one, or when a caller hands its own `processor`; returns it (to shut
     down on exit), or None when traces stay off. It also becomes OpenTelemetry's global
     provider, so that libraries instrumented for OpenTelemetry join the same traces."""
+    if processor is None and not configured():
+        return None
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+
     if processor is None:
-        if not configured():
-            return None
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         processor = BatchSpanProcessor(OTLPSpanExporter())
     resource = Resource.create({"service.name": "flow-api", "flow.role": role})
