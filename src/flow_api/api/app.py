@@ -22,6 +22,7 @@ from flow_api.queue.admission import Admission
 from flow_api.queue.producer import job_queue
 from flow_api.queue.store import JobStore
 from flow_api.settings import Settings
+from flow_api.webhooks.subscriptions import Subscriptions
 
 
 def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> FastAPI:
@@ -48,6 +49,7 @@ def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> 
                 settings.redis.queue_name,
                 PriceTable(settings.usage),
             )
+            app.state.webhooks = Subscriptions(queue.redis, settings.redis, settings.webhook)
             try:
                 yield
             finally:

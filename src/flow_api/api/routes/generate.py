@@ -16,6 +16,7 @@ from flow_api.api.deps import (
     RegistryDep,
     SettingsDep,
     StoreDep,
+    WebhooksDep,
 )
 from flow_api.api.responses import errors
 from flow_api.errors import FlowError, InvalidRequest
@@ -73,6 +74,7 @@ async def submit(
     principal: SubmitterDep,
     access: AccessDep,
     span: SubmitSpanDep,
+    webhooks: WebhooksDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JobAccepted:
@@ -89,6 +91,8 @@ async def submit(
         tenant=principal.tenant,
         trace=carrier_of_current(),
     )
+    webhook = await webhooks.resolve(principal.tenant, body.options.webhook)  # or 422
+    data = data.with_webhook(webhook)
     size = job_bytes((body.prompt, body.options.system))
     await admission.admit(principal.tenant, size)  # or 503 queue_full: Redis keeps room to drain
     job_id = new_job_id()
@@ -107,6 +111,8 @@ async def submit(
         charge = await access.reserve_tokens(principal, body, job_id)  # or 429
         spend = await access.reserve_spend(principal, body, data, job_id)  # or 429
         data = data.with_charge(charge, spend)
+        if webhook is not None:  # before the job exists: no ending can slip past the outbox
+            await webhooks.register(job_id)
         await queue.enqueue(data, priority=body.options.priority, job_id=job_id)
     except Exception as error:
         await access.refund(charge, job_id)
