@@ -18,6 +18,7 @@ from flow_api.auth import commands as key_commands
 from flow_api.auth.exposure import InsecureBinding
 from flow_api.environment import SettingsInvalid, load_settings
 from flow_api.listener import listen
+from flow_api.observability.logs import configure_logging
 from flow_api.settings import Settings
 from flow_api.startup import StartupError
 from flow_api.stopping import StopRequests
@@ -66,10 +67,7 @@ def app_from_env() -> object:
 
 
 def _configure_logging(settings: Settings, warnings: list[str]) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
     for chatty in ("httpx", "httpx2", "httpcore", "openai", "anthropic"):  # a line per request
         logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.root.level))
     for warning in warnings:

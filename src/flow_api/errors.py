@@ -213,6 +213,12 @@ class QuotaExhausted(RateLimited):
     code = "quota_exhausted"
 
 
+class SpendCapReached(RateLimited):
+    """The key's spend cap for this window cannot cover the most the request may cost."""
+
+    code = "spend_cap_reached"
+
+
 # --- job outcomes that are not provider failures ----------------------------------------------
 
 

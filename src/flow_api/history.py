@@ -33,6 +33,7 @@ from flow_api.models import (
     Timings,
     WebhookAttempt,
 )
+from flow_api.observability.tracing import trace_id_of
 from flow_api.queue.store import StoredJob
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -200,6 +201,7 @@ class JobHistory:
                 queue_ms=started - job.created_ms if started else None,
                 run_ms=finished - started if finished and started else None,
             ),
+            trace_id=trace_id_of(job.data.trace),
             webhooks=_webhook_attempts(entries) if job.data.webhook is not None else None,
         )
 

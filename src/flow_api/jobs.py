@@ -102,6 +102,10 @@ class JobData(BaseModel):
     """Wall-clock deadline for the first attempt to start (`startWithinMs` after submit)."""
     charge: Charge | None = Field(default=None, alias="tokenCharge")
     """The key's token reservation the worker settles with the real usage; None without one."""
+    spend: Charge | None = Field(default=None, alias="spendCharge")
+    """The key's spend-cap reservation, in millionths of the currency; None without a cap."""
+    trace: dict[str, str] | None = None
+    """The submit span's W3C trace context (`traceparent`, `tracestate`) when traces are on."""
     trimmed_chars: int | None = Field(default=None, alias="trimmedChars")
     """Set once the job completed and its prompt was cut (`trimmed`): the characters of prompt
     and system text it was submitted with."""
@@ -117,6 +121,7 @@ class JobData(BaseModel):
         model: str,
         tenant: str,
         charge: Charge | None = None,
+        trace: dict[str, str] | None = None,
         now: int | None = None,
     ) -> JobData:
         """The envelope of a job accepted now (`now`, in ms, for tests)."""
@@ -129,6 +134,7 @@ class JobData(BaseModel):
             tenant=tenant,
             start_by_ms=start_by,
             charge=charge,
+            trace=trace,
         )
 
     @classmethod
@@ -139,8 +145,8 @@ class JobData(BaseModel):
         except ValidationError as exc:
             raise InvalidRequest(f"the stored job is not a valid request: {exc}") from exc
 
-    def with_charge(self, charge: Charge | None) -> JobData:
-        return self.model_copy(update={"charge": charge})
+    def with_charge(self, charge: Charge | None, spend: Charge | None = None) -> JobData:
+        return self.model_copy(update={"charge": charge, "spend": spend})
 
     def with_webhook(self, webhook: WebhookOptions | None) -> JobData:
         return self.model_copy(update={"webhook": webhook})
@@ -156,6 +162,10 @@ class JobData(BaseModel):
             data["startBy"] = self.start_by_ms
         if self.charge is not None:
             data["tokenCharge"] = self.charge.model_dump(exclude_none=True)
+        if self.spend is not None:
+            data["spendCharge"] = self.spend.model_dump(exclude_none=True)
+        if self.trace is not None:
+            data["trace"] = self.trace
         if self.trimmed_chars is not None:
             data["trimmedChars"] = self.trimmed_chars
         if self.webhook is not None:

@@ -46,6 +46,11 @@ BullMQ owns `<prefix>:<queue>:*`. Flow API adds:
   held job: a length for autoscalers): fair share between tenants (`queue/fair_share.py`).
   Under BullMQ's prefix so they share the queue's Cluster slot; owned by the queue (a line
   empties as its jobs are taken; `obliterate` removes them all).
+- `flow:<queue>:usage:{<tenant>}:<YYYY-MM-DD>` (hash): a tenant's usage that UTC day, fields
+  `m:<provider>/<model>:<jobs|prompt|completion|cost>` and `k:<keyId>:...` (cost in millionths
+  of the currency); TTL `FLOW_USAGE_RETENTION_DAYS` (see `observability/usage.py`).
+- `flow:<queue>:auth:spend:{<keyId>}:<window>` (string) and `...:jobs` (hash): a key's spend
+  cap ledger in millionths of the currency, as the token quota's above; TTL two windows.
 - `flow:<queue>:webhooks:secret:<tenant>` (hash: current, previous, previousUntil): a tenant's
   webhook signing secrets; owned by `flow-api webhooks secret rotate` (kept until then).
 - `flow:<queue>:webhooks:defaults` (hash: tenant -> subscription JSON): tenants' default
@@ -123,6 +128,18 @@ def admission_refusals_key(queue_name: str) -> str:
 
 def budget_wake_key(queue_name: str, provider: str, model: str, tenant: str) -> str:
     return f"{budget_key(queue_name, provider, model)}:wake:{tenant}"
+
+
+def usage_day_key(queue_name: str, tenant: str, day: str) -> str:
+    return f"flow:{queue_name}:usage:{{{tenant}}}:{day}"
+
+
+def spend_key(queue_name: str, key_id: str, window: int) -> str:
+    return f"flow:{queue_name}:auth:spend:{{{key_id}}}:{window}"
+
+
+def spend_jobs_key(queue_name: str, key_id: str, window: int) -> str:
+    return f"{spend_key(queue_name, key_id, window)}:jobs"
 
 
 def webhook_secret_key(queue_name: str, tenant: str) -> str:

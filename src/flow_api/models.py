@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -179,6 +179,13 @@ class Usage(WireModel):
     total_tokens: int = 0
 
 
+class Cost(WireModel):
+    """What a job's tokens cost at the deployment's price table (`FLOW_USAGE_PRICES`)."""
+
+    amount: float
+    currency: str
+
+
 class Generation(WireModel):
     """What one successful provider call produced; stored as the BullMQ return value."""
 
@@ -187,6 +194,7 @@ class Generation(WireModel):
     model: str
     usage: Usage
     finish_reason: str | None = None
+    cost: Cost | None = None
 
 
 class JobResult(WireModel):
@@ -247,4 +255,33 @@ class JobRecord(WireModel):
     attempts: list[Attempt]
     logs: list[LogLine]
     timings: Timings
+    trace_id: str | None = None
+    """The OpenTelemetry trace of the submit and every attempt (when traces are on)."""
     webhooks: list[WebhookAttempt] | None = None
+
+
+# --- usage (GET /api/ai/usage) --------------------------------------------------------------
+
+
+class UsageGroup(WireModel):
+    """One model's (or key's) totals over the report's days."""
+
+    name: str
+    """`provider/model`, a key id (`-` for jobs submitted without a key), or `total`."""
+    jobs: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost: float
+
+
+class UsageReport(WireModel):
+    """`GET /api/ai/usage`: a tenant's completed jobs' tokens and cost, by model or key."""
+
+    tenant: str
+    first: date = Field(alias="from")
+    last: date = Field(alias="to")
+    group_by: str
+    currency: str
+    groups: list[UsageGroup]
+    total: UsageGroup

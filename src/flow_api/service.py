@@ -18,6 +18,7 @@ from flow_api.api.app import create_app
 from flow_api.api.http_protocol import JsonErrorsHttpToolsProtocol
 from flow_api.data_folder import DataFolder
 from flow_api.embedded import EmbeddedValkey
+from flow_api.observability.tracing import configure_tracing
 from flow_api.providers import Provider, ProviderRegistry, build_registry
 from flow_api.queue.admission import read_room
 from flow_api.queue.connection import connect
@@ -100,7 +101,22 @@ async def serve_api(settings: Settings, sock: socket.socket) -> None:
     """`flow-api api` on the bound `sock` (`listener.listen`): serve until SIGINT, SIGTERM or
     SIGHUP."""
     stops = StopRequests.install()
-    await _serve(api_server(settings), sock, stops)
+    with traced("api"):
+        await _serve(api_server(settings), sock, stops)
+
+
+@contextlib.contextmanager
+def traced(role: str) -> Iterator[None]:
+    """Traces exported while the block runs, when the OTEL_* variables ask for it; the spans
+    still buffered are sent on the way out."""
+    provider = configure_tracing(role)
+    if provider is not None:
+        log.info("exporting traces over OTLP (OTEL_EXPORTER_OTLP_* variables)")
+    try:
+        yield
+    finally:
+        if provider is not None:
+            provider.shutdown()
 
 
 async def _consume(worker: FlowWorker, stops: StopRequests) -> None:
@@ -146,7 +162,8 @@ async def run_worker(settings: Settings) -> None:
     try:
         if registry.default is None:
             raise NoProviderError
-        await _consume(FlowWorker(settings, registry), stops)
+        with traced("worker"):
+            await _consume(FlowWorker(settings, registry), stops)
     finally:
         await registry.aclose()
         log.info("worker stopped")
@@ -179,7 +196,8 @@ async def run_up(settings: Settings, folder: DataFolder, sock: socket.socket) ->
         try:
             await valkey.astart()
             if not stops.first.is_set():
-                await _serve_and_consume(settings, registry, valkey, sock, stops)
+                with traced("up"):
+                    await _serve_and_consume(settings, registry, valkey, sock, stops)
         finally:
             valkey.stop()  # last, and not cancellable: the AOF is flushed on SIGTERM
     finally:

@@ -209,6 +209,9 @@ class AuthSettings(BaseSettings):
     requests_per_minute: int = Field(600, ge=0, description="submits per key; 0 = unlimited")
     rate_window_s: int = Field(60, ge=1, description="the window requests_per_minute counts over")
     tokens_per_day: int = Field(1_000_000, ge=0, description="tokens per key; 0 = unlimited")
+    spend_per_day: float = Field(
+        0, ge=0, description="spend per key and quota window, in FLOW_USAGE_CURRENCY; 0 = no cap"
+    )
     quota_window_s: int = Field(86_400, ge=1, description="the quota window; UTC days by default")
     estimate_completion_tokens: int = Field(
         1024, ge=1, description="completion tokens reserved at submit when maxTokens is unset"
@@ -284,6 +287,76 @@ class AdmissionSettings(BaseSettings):
     retry_after_s: int = Field(5, ge=1, description="Retry-After of a queue_full answer")
 
 
+# --- Observability (issue 17): metrics, traces, logs, usage and cost --------------------------
+
+
+class MetricsSettings(BaseSettings):
+    """Prometheus metrics: `GET /metrics` on the API, and a port of its own on each worker."""
+
+    model_config = _section("FLOW_METRICS_")
+
+    enabled: bool = Field(True, description="serve GET /metrics on the API")
+    worker_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="each worker process serves /metrics on this port; unset = no listener "
+        "(several workers on one host need one port each)",
+    )
+    worker_host: str = Field("127.0.0.1", description="address of the worker's metrics port")
+    tenants: list[str] = Field(
+        default_factory=list,
+        description="tenants that get their own `tenant` label; every other tenant is `other`",
+    )
+
+
+class Price(BaseModel):
+    """What a model costs, in `FLOW_USAGE_CURRENCY` per million tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: float = Field(ge=0, description="per million prompt tokens")
+    output: float = Field(ge=0, description="per million completion tokens")
+
+
+DEFAULT_PRICES: dict[str, Price] = {
+    # List prices per million tokens (USD) of common models; override or extend with
+    # FLOW_USAGE_PRICES. A model with no entry here (and no `provider/*` one) costs 0.
+    "openai/gpt-4o-mini": Price(input=0.15, output=0.60),
+    "openai/gpt-4o": Price(input=2.50, output=10.00),
+    "openai/gpt-4.1": Price(input=2.00, output=8.00),
+    "openai/gpt-4.1-mini": Price(input=0.40, output=1.60),
+    "openai/gpt-4.1-nano": Price(input=0.10, output=0.40),
+    "openai/o3-mini": Price(input=1.10, output=4.40),
+    "azure/gpt-4o-mini": Price(input=0.15, output=0.60),
+    "azure/gpt-4o": Price(input=2.50, output=10.00),
+    "anthropic/claude-3-5-haiku-latest": Price(input=0.80, output=4.00),
+    "anthropic/claude-3-5-sonnet-latest": Price(input=3.00, output=15.00),
+    "anthropic/claude-sonnet-4-0": Price(input=3.00, output=15.00),
+    "anthropic/claude-opus-4-0": Price(input=15.00, output=75.00),
+    "local/*": Price(input=0, output=0),
+    "fake/*": Price(input=0, output=0),
+}
+
+
+class UsageSettings(BaseSettings):
+    """Token usage and cost per tenant, model and key (`GET /api/ai/usage`)."""
+
+    model_config = _section("FLOW_USAGE_")
+
+    currency: str = Field("USD", min_length=1, max_length=8, description="the prices' currency")
+    prices: dict[str, Price] = Field(
+        default_factory=dict,
+        description='JSON: {"openai/gpt-4o-mini": {"input": 0.15, "output": 0.6}, '
+        '"openai/*": ...} per million tokens, over the built-in table',
+    )
+    retention_days: int = Field(400, ge=1, le=3660, description="days of usage kept in Redis")
+
+    def price_table(self) -> dict[str, Price]:
+        """The built-in prices with this deployment's own on top."""
+        return {**DEFAULT_PRICES, **self.prices}
+
+
 # --- webhooks (issue 15 item 2) -------------------------------------------------------------
 
 SVIX_SCHEDULE_S = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
@@ -345,6 +418,9 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    usage: UsageSettings = Field(default_factory=UsageSettings)
+    log_format: Literal["text", "json"] = Field("text", description="FLOW_LOG_FORMAT")
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     log_level: str = Field("INFO", description="FLOW_LOG_LEVEL")
 
@@ -374,5 +450,7 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "auth": AuthSettings,
     "budget": BudgetSettings,
     "admission": AdmissionSettings,
+    "metrics": MetricsSettings,
+    "usage": UsageSettings,
     "webhook": WebhookSettings,
 }

@@ -61,6 +61,7 @@ def test_retryable_errors_are_the_transient_ones() -> None:
         "QueueFull",
         "RateLimited",
         "QuotaExhausted",
+        "SpendCapReached",
         "WorkerFault",
         "ProviderTimeout",
         "ProviderUnavailable",

@@ -55,6 +55,9 @@ NOT_SETTINGS = frozenset(
         "WATCHFILES_FORCE_POLLING",
     }
 )
+# Compose services that are not flow-api containers (the `monitoring` profile's are tested in
+# test_monitoring_files.py).
+NOT_FLOW_SERVICES = frozenset({"valkey", "prometheus", "grafana"})
 # Manifests kept out of kustomization.yaml on purpose (see deploy/kubernetes/README.md).
 K8S_OPT_IN = frozenset({"secret.example.yaml", "worker-keda-scaledobject.yaml"})
 # Kubernetes versions whose schemas the manifests must satisfy: an old supported one, the newest.
@@ -251,7 +254,7 @@ def test_compose_file_names_only_settings(name: str) -> None:
 @pytest.mark.parametrize("name", COMPOSE_FILES)
 def test_compose_env_file_is_optional(name: str) -> None:
     for service_name, service in compose(name)["services"].items():
-        if service_name == "valkey":
+        if service_name in NOT_FLOW_SERVICES:
             continue
         assert service["env_file"] == [{"path": ".env", "required": False}], service_name
         assert service["depends_on"]["valkey"]["condition"] == "service_healthy", service_name

@@ -10,11 +10,13 @@ from fastapi import FastAPI
 from flow_api.api.auth import AuthenticateFirst
 from flow_api.api.errors import install_error_handlers
 from flow_api.api.limits import BodySizeLimit
-from flow_api.api.routes import generate, health, jobs
+from flow_api.api.routes import generate, health, jobs, metrics, usage
 from flow_api.api.security import allowed_hosts, install_security
 from flow_api.auth.access import AccessControl
 from flow_api.auth.exposure import check_exposure
 from flow_api.idempotency import IdempotencyStore
+from flow_api.observability.metrics import configure_labels
+from flow_api.observability.usage import PriceTable
 from flow_api.providers import ProviderRegistry, build_registry
 from flow_api.queue.admission import Admission
 from flow_api.queue.producer import job_queue
@@ -37,10 +39,16 @@ def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> 
             app.state.store = JobStore(queue)
             app.state.admission = Admission(queue, settings.admission)
             app.state.registry = providers
+            configure_labels(settings, providers)
             app.state.idempotency = IdempotencyStore(
                 queue.redis, settings.redis.queue_name, settings.api.idempotency_ttl_s
             )
-            app.state.access = AccessControl(settings.auth, queue.redis, settings.redis.queue_name)
+            app.state.access = AccessControl(
+                settings.auth,
+                queue.redis,
+                settings.redis.queue_name,
+                PriceTable(settings.usage),
+            )
             app.state.webhooks = Subscriptions(queue.redis, settings.redis, settings.webhook)
             try:
                 yield
@@ -62,6 +70,8 @@ def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> 
     )
     app.add_middleware(AuthenticateFirst)  # outside the body limit: a 401 reads no body
     install_security(app, settings.auth, allowed_hosts(settings))
-    for module in (generate, jobs, health):
+    for module in (generate, jobs, health, usage):
         app.include_router(module.router)
+    if settings.metrics.enabled:
+        app.include_router(metrics.router)
     return app

@@ -14,9 +14,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from flow_api.api.security import API_HEADERS
-from flow_api.errors import FlowError, QueueFull
+from flow_api.errors import FlowError, QueueFull, QueueUnavailable
 from flow_api.models import ErrorBody, ErrorPayload
+from flow_api.observability.metrics import METRICS
 from flow_api.queue.connection import RedisOutOfMemory, out_of_memory
+
+REDIS_OOM = "redis_out_of_memory"
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,8 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
 
 async def _flow(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, FlowError)
+    if isinstance(exc, QueueUnavailable) or getattr(exc, "reason", None) == REDIS_OOM:
+        METRICS.redis_errors.labels("api").inc()
     return flow_error_response(exc)
 
 

@@ -17,7 +17,8 @@ _TEXT = {
     413: "the body is over the size limit (`payload_too_large`)",
     415: "the body is not sent as `application/json` (`unsupported_media_type`)",
     422: "invalid input; `error.field` names it",
-    429: "`rate_limited` or `quota_exhausted` for this key; retry after `Retry-After`",
+    429: "`rate_limited`, `quota_exhausted` or `spend_cap_reached` for this key; retry after "
+    "`Retry-After`",
     503: "Redis is unreachable (`queue_unavailable`); retry after `Retry-After`",
 }
 

@@ -13,9 +13,11 @@ from flow_api.auth.api_keys import ApiKey, ApiKeyStore
 from flow_api.auth.principal import ANONYMOUS, Principal
 from flow_api.auth.quota import TokenQuota
 from flow_api.auth.rate import SubmitRateLimiter
+from flow_api.auth.spend import SpendCap
 from flow_api.errors import FlowError, QueueUnavailable, Unauthorized
-from flow_api.jobs import Charge, quota_bound
+from flow_api.jobs import Charge, JobData, quota_bound
 from flow_api.models import GenerateRequest
+from flow_api.observability.usage import PriceTable, reserve_micros
 from flow_api.settings import AuthSettings
 
 log = logging.getLogger(__name__)
@@ -27,8 +29,17 @@ class AccessControl:
     """Authentication and per-key limits for one API process. Holds no state of its own but
     the refunds it is still retrying."""
 
-    def __init__(self, settings: AuthSettings, redis: Redis, queue_name: str) -> None:
+    def __init__(
+        self,
+        settings: AuthSettings,
+        redis: Redis,
+        queue_name: str,
+        prices: PriceTable | None = None,
+    ) -> None:
         self.settings = settings
+        self.prices = prices
+        currency = prices.currency if prices is not None else ""
+        self.spend = SpendCap(redis, queue_name, settings.quota_window_s, currency)
         self.keys = ApiKeyStore(redis, queue_name)
         self.rate = SubmitRateLimiter(redis, queue_name, settings.rate_window_s)
         self.quota = TokenQuota(redis, queue_name, settings.quota_window_s)
@@ -49,13 +60,14 @@ class AccessControl:
         return self.principal_of(key)
 
     def principal_of(self, key: ApiKey) -> Principal:
-        rpm, tpd = key.requests_per_minute, key.tokens_per_day
+        rpm, tpd, spend = key.requests_per_minute, key.tokens_per_day, key.spend_per_day
         return Principal(
             tenant=key.tenant,
             scopes=key.scopes,
             key_id=key.id,
             requests_per_minute=self.settings.requests_per_minute if rpm is None else rpm,
             tokens_per_day=self.settings.tokens_per_day if tpd is None else tpd,
+            spend_per_day=self.settings.spend_per_day if spend is None else spend,
         )
 
     async def admit_submit(self, principal: Principal) -> None:
@@ -76,6 +88,28 @@ class AccessControl:
         except QueueUnavailable:
             self._refund_soon(self.quota.charge_for(principal, tokens, completion), job_id)
             raise
+
+    async def reserve_spend(
+        self, principal: Principal, request: GenerateRequest, job: JobData, job_id: str
+    ) -> Charge | None:
+        """Reserve the most the job may cost against the key's spend cap (`SpendCap`; raises
+        `SpendCapReached`): its `quota_bound` tokens at its model's price. None: no cap, or
+        a model that costs nothing."""
+        if self.prices is None or principal.spend_per_day <= 0 or principal.key_id is None:
+            return None
+        completion = request.options.max_tokens or self.settings.estimate_completion_tokens
+        prompt = quota_bound(request, self.settings.estimate_completion_tokens) - completion
+        micros = reserve_micros(
+            self.prices, job.provider or "", job.model or "", prompt, completion
+        )
+        return await self.spend.reserve(principal, micros, job_id)
+
+    async def refund_spend(self, charge: Charge | None, job_id: str) -> None:
+        """Give back a spend reservation whose job was not queued (best effort: the entry
+        expires with its window)."""
+        if charge is not None:
+            with contextlib.suppress(FlowError):
+                await self.spend.settle(charge, 0, job_id)
 
     async def refund(self, charge: Charge | None, job_id: str) -> None:
         """Return a reservation whose job was not queued. When Redis is away (usually why the

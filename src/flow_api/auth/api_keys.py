@@ -38,6 +38,7 @@ class ApiKey(BaseModel):
     expires_at: datetime | None = None
     requests_per_minute: int | None = None  # None: the service's FLOW_AUTH_ default
     tokens_per_day: int | None = None
+    spend_per_day: float | None = None
 
     def expired(self, now: datetime | None = None) -> bool:
         return self.expires_at is not None and (now or datetime.now(UTC)) >= self.expires_at
@@ -78,6 +79,7 @@ class ApiKeyStore:
         expires_in: timedelta | None = None,
         requests_per_minute: int | None = None,
         tokens_per_day: int | None = None,
+        spend_per_day: float | None = None,
     ) -> tuple[ApiKey, str]:
         """A new key for `tenant`; returns its record and the plaintext, which is never stored
         and cannot be shown again."""
@@ -97,6 +99,7 @@ class ApiKeyStore:
             expires_at=now + expires_in if expires_in is not None else None,
             requests_per_minute=requests_per_minute,
             tokens_per_day=tokens_per_day,
+            spend_per_day=spend_per_day,
         )
         record = key.model_dump_json()
         with redis_errors_as_unavailable():

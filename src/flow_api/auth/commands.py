@@ -9,7 +9,7 @@ import argparse
 import asyncio
 import sys
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from pydantic.alias_generators import to_camel
@@ -52,6 +52,9 @@ def add_commands(sub: Any) -> None:
     create.add_argument("--expires-in-days", type=_days, help="default: never")
     create.add_argument("--requests-per-minute", type=int, help="default FLOW_AUTH_ setting")
     create.add_argument("--tokens-per-day", type=int, help="default FLOW_AUTH_ setting")
+    create.add_argument(
+        "--spend-per-day", type=float, help="spend cap in FLOW_USAGE_CURRENCY; 0 = none"
+    )
     create.add_argument("--json", action="store_true", help="print the key and record as JSON")
     listing = actions.add_parser("list", help="every key (never the keys themselves)")
     listing.add_argument("--tenant")
@@ -95,7 +98,10 @@ def _scopes(text: str) -> frozenset[Scope]:
     return frozenset(Scope(name) for name in names)
 
 
-def _limit(value: int | None, flag: str) -> int | None:
+_Limit = TypeVar("_Limit", int, float)
+
+
+def _limit(value: _Limit | None, flag: str) -> _Limit | None:
     if value is not None and value < 0:
         raise ValueError(f"{flag} must be 0 (unlimited) or more")
     return value
@@ -110,6 +116,7 @@ async def _create(store: ApiKeyStore, args: argparse.Namespace) -> int:
         expires_in=timedelta(days=days) if days is not None else None,
         requests_per_minute=_limit(args.requests_per_minute, "--requests-per-minute"),
         tokens_per_day=_limit(args.tokens_per_day, "--tokens-per-day"),
+        spend_per_day=_limit(args.spend_per_day, "--spend-per-day"),
     )
     if args.json:
         print(orjson.dumps({"key": plaintext, **_describe(key)}).decode())

@@ -36,6 +36,8 @@ class Principal:
     key_id: str | None = None
     requests_per_minute: int = 0
     tokens_per_day: int = 0
+    spend_per_day: float = 0
+    """The key's spend cap per quota window, in the price table's currency (0: none)."""
 
     def allows(self, scope: Scope) -> bool:
         return scope in self.scopes or Scope.ADMIN in self.scopes

@@ -53,6 +53,11 @@ return 1
 """
 
 
+RESERVE_SCRIPT = _RESERVE
+SETTLE_SCRIPT = _SETTLE
+"""The scripts, for ledgers of other units kept the same way (`spend.py`)."""
+
+
 class TokenQuota:
     """The per-key token ledger shared by API processes (reserve) and workers (settle)."""
 

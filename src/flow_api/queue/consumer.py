@@ -124,6 +124,11 @@ class JobHandle:
         return int(self._job.opts.get("attempts") or 1)
 
     @property
+    def queued_at_ms(self) -> int:
+        """When the job was submitted (BullMQ's `timestamp`), in ms since the epoch."""
+        return int(self._job.timestamp or 0)
+
+    @property
     def stalled_too_often(self) -> bool:
         """BullMQ's stalled check found this job's lock lost more than `maxStalledCount`
         times and marked it to fail (`deferredFailure`); the handler fails it, so that its
@@ -186,6 +191,14 @@ class JobHandle:
         # failed for good), and a Redis refusing writes must not cost a second paid call.
         decision: bool = await worker.persist("finish", decide)
         return decision
+
+    async def pipelined(self, build: Callable[[Any], None], count: int) -> list[Any]:
+        """Run the `count` commands `build(pipe)` adds in the worker's shared pipeline of this
+        event-loop turn (one round trip for every slot's commands, on the worker's own
+        connection: at a thousand slots finishing together, a command each on a pool would
+        exhaust it). Replies in order, errors as exception objects."""
+        replies: list[Any] = await self._job.queue.pipelined(build, count)
+        return replies
 
     async def cancel_requested(self) -> bool:
         """True if a client has asked to cancel the job (one read)."""

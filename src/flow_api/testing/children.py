@@ -24,6 +24,7 @@ def env_for(settings: Settings, *, inherit: bool = False, **overrides: str) -> d
     if inherit:
         env = {k: v for k, v in os.environ.items() if not k.startswith(PROVIDER_KEYS)}
     env["FLOW_LOG_LEVEL"] = settings.log_level
+    env["FLOW_LOG_FORMAT"] = settings.log_format
     for section in SECTIONS:
         values = getattr(settings, section)
         prefix = values.model_config["env_prefix"]

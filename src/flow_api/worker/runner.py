@@ -7,18 +7,25 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
+from wsgiref.simple_server import WSGIServer
 
+from prometheus_client import start_http_server
 from redis.asyncio import Redis
 
 from flow_api.auth.quota import TokenQuota
+from flow_api.auth.spend import SpendCap
 from flow_api.budget import RateBudget
 from flow_api.heartbeat import INTERVAL_S, Heartbeat, write_heartbeat
 from flow_api.history import WORKER_ID
 from flow_api.jobs import now_ms
+from flow_api.observability.attempts import ObservedHandler, observed_call
+from flow_api.observability.metrics import METRICS, configure_labels
+from flow_api.observability.usage import PriceTable, UsageLedger
 from flow_api.providers import Provider, ProviderRegistry
 from flow_api.queue.connection import REDIS_TROUBLE, connect
 from flow_api.queue.consumer import QueueConsumer
 from flow_api.settings import Settings
+from flow_api.startup import StartupError
 from flow_api.webhooks.runner import WebhookRunner
 from flow_api.worker.attempt import AttemptChain
 from flow_api.worker.steps import (
@@ -60,12 +67,18 @@ class FlowWorker:
         finally:
             await redis.aclose()
 
+    def handler(self, redis: Redis) -> ObservedHandler:
+        """The consumer's handler: the attempt chain, observed (metrics, traces, usage)."""
+        usage = self.settings.usage
+        ledger = UsageLedger(redis, self.settings.redis.queue_name, usage.retention_days)
+        return ObservedHandler(self.chain(redis), ledger)
+
     def chain(self, redis: Redis) -> AttemptChain:
         """An attempt's steps, in order; the provider call comes after the last."""
         auth = self.settings.auth
         quota = TokenQuota(redis, self.settings.redis.queue_name, auth.quota_window_s)
         steps = [
-            Quota(quota),
+            Quota(quota, SpendCap(redis, self.settings.redis.queue_name, auth.quota_window_s, "")),
             Resolve(self.registry, self.settings.worker),
             CrashLimit(self.settings.worker),
             Budget(self.budget),
@@ -73,7 +86,7 @@ class FlowWorker:
             Gate(),
             ProviderTurn(self.registry),
         ]
-        return AttemptChain(steps, call_provider)
+        return AttemptChain(steps, observed_call(call_provider, PriceTable(self.settings.usage)))
 
     async def run(self) -> None:
         """Serve until `stop()`. Raises when the worker cannot serve (its slots keep dying, or
@@ -88,10 +101,13 @@ class FlowWorker:
             self.registry.default,
         )
         warming = [asyncio.create_task(_warm(p)) for p in self.registry.providers.values()]
+        configure_labels(self.settings, self.registry)
+        METRICS.slots.set(slots)
+        metrics_server = serve_metrics(self.settings)
         try:
             async with self._lifespan() as redis:
                 consumer = QueueConsumer(
-                    redis, self.settings.redis, self.settings.worker, self.chain(redis)
+                    redis, self.settings.redis, self.settings.worker, self.handler(redis)
                 )
                 self.consumer = consumer
                 if self._stop_requested:
@@ -113,6 +129,9 @@ class FlowWorker:
         finally:
             for task in warming:
                 task.cancel()
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
 
     async def stop(self) -> None:
         self._stop_requested = True
@@ -146,11 +165,33 @@ class FlowWorker:
                 in_flight=consumer.in_flight,
                 at_ms=now_ms(),
             )
+            METRICS.slots_live.set(live)
+            METRICS.in_flight.set(beat.in_flight)
             try:
                 await write_heartbeat(redis, self.settings.redis.queue_name, beat)
             except REDIS_TROUBLE as exc:  # down, or out of memory: the next beat tries again
+                METRICS.redis_errors.labels("heartbeat").inc()
                 log.warning("heartbeat not written: %s", type(exc).__name__)
             await asyncio.sleep(INTERVAL_S if live == slots else 0.2)
+
+
+def serve_metrics(settings: Settings) -> WSGIServer | None:
+    """This worker's `/metrics` on `FLOW_METRICS_WORKER_PORT` (None: not asked for). Served
+    from a thread by prometheus-client, so a busy event loop never delays a scrape."""
+    metrics = settings.metrics
+    if metrics.worker_port is None:
+        return None
+    try:
+        server, _ = start_http_server(
+            metrics.worker_port, metrics.worker_host, registry=METRICS.registry
+        )
+    except OSError as exc:
+        raise StartupError(
+            f"cannot serve metrics on {metrics.worker_host}:{metrics.worker_port}: "
+            f"{exc.strerror or exc}. Give each worker process its own FLOW_METRICS_WORKER_PORT"
+        ) from exc
+    log.info("metrics on http://%s:%d/metrics", metrics.worker_host, server.server_port)
+    return server
 
 
 async def _warm(provider: Provider) -> None:

@@ -7,6 +7,7 @@ import logging
 
 from flow_api import history
 from flow_api.auth.quota import TokenQuota
+from flow_api.auth.spend import MICROS, SpendCap
 from flow_api.budget import RateBudget
 from flow_api.errors import (
     FlowError,
@@ -36,16 +37,33 @@ class Quota(Step):
 
     always_on_error = True
 
-    def __init__(self, quota: TokenQuota) -> None:
+    def __init__(self, quota: TokenQuota, spend: SpendCap | None = None) -> None:
         self.quota = quota
+        self.spend = spend
 
     async def after(self, attempt: Attempt) -> None:
         total = attempt.generation.usage.total_tokens if attempt.generation is not None else 0
         await self._settle(attempt, total if total > 0 else None)
+        cost = attempt.generation.cost if attempt.generation is not None else None
+        await self._settle_spend(attempt, round(cost.amount * MICROS) if cost else None)
 
     async def on_error(self, attempt: Attempt, error: FlowError, final: bool) -> None:
         if final:
             await self._settle(attempt, 0)
+            await self._settle_spend(attempt, 0)
+
+    async def _settle_spend(self, attempt: Attempt, micros: int | None) -> None:
+        """The key's spend cap: the job's real cost replaces its reservation (the reservation
+        stands when the job has no cost)."""
+        charge = attempt.data.spend if attempt.data is not None else None
+        if charge is None or self.spend is None:
+            return
+        try:
+            await self.spend.settle(
+                charge, charge.tokens if micros is None else micros, attempt.job.id
+            )
+        except FlowError as exc:  # the job's outcome matters more than the ledger
+            log.warning("job %s: spend not recorded: %s", attempt.job.id, exc.code)
 
     async def _settle(self, attempt: Attempt, used: int | None) -> None:
         charge = attempt.data.charge if attempt.data is not None else None

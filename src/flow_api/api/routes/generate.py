@@ -22,6 +22,9 @@ from flow_api.api.responses import errors
 from flow_api.errors import FlowError, InvalidRequest
 from flow_api.jobs import JobData
 from flow_api.models import GenerateRequest, JobAccepted
+from flow_api.observability.metrics import METRICS
+from flow_api.observability.spans import SubmitSpanDep
+from flow_api.observability.tracing import carrier_of_current
 from flow_api.queue.admission import job_bytes
 from flow_api.queue.producer import new_job_id
 from flow_api.settings import ApiSettings, WorkerSettings
@@ -70,6 +73,7 @@ async def submit(
     admission: AdmissionDep,
     principal: SubmitterDep,
     access: AccessDep,
+    span: SubmitSpanDep,
     webhooks: WebhooksDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
@@ -80,12 +84,19 @@ async def submit(
     A 503 `queue_full` (with `Retry-After`) while the job store has no room for more jobs."""
     check_limits(body, settings.api, settings.worker)
     provider, model = registry.resolve(body.options)
-    data = JobData.submitted(body, provider=provider.name, model=model, tenant=principal.tenant)
+    data = JobData.submitted(
+        body,
+        provider=provider.name,
+        model=model,
+        tenant=principal.tenant,
+        trace=carrier_of_current(),
+    )
     webhook = await webhooks.resolve(principal.tenant, body.options.webhook)  # or 422
     data = data.with_webhook(webhook)
     size = job_bytes((body.prompt, body.options.system))
     await admission.admit(principal.tenant, size)  # or 503 queue_full: Redis keeps room to drain
     job_id = new_job_id()
+    span.set_attribute("flow.job_id", job_id)
     claim = None
     if idempotency_key is not None:
         fingerprint = orjson.dumps(body.wire(), option=orjson.OPT_SORT_KEYS)
@@ -95,14 +106,17 @@ async def submit(
         if earlier is not None:
             replayed = await idempotency.replay(claim, earlier, store.exists)
             return _accepted(response, replayed, replayed=True)
-    charge = None
+    charge = spend = None
     try:
         charge = await access.reserve_tokens(principal, body, job_id)  # or 429
+        spend = await access.reserve_spend(principal, body, data, job_id)  # or 429
+        data = data.with_charge(charge, spend)
         if webhook is not None:  # before the job exists: no ending can slip past the outbox
             await webhooks.register(job_id)
-        await queue.enqueue(data.with_charge(charge), priority=body.options.priority, job_id=job_id)
+        await queue.enqueue(data, priority=body.options.priority, job_id=job_id)
     except Exception as error:
         await access.refund(charge, job_id)
+        await access.refund_spend(spend, job_id)
         if claim is not None and isinstance(error, FlowError):
             with contextlib.suppress(FlowError):  # unrecorded, the pending claim expires
                 await idempotency.failed(claim, error)
@@ -112,6 +126,7 @@ async def submit(
         # record is never written.
         with contextlib.suppress(FlowError):
             await idempotency.accepted(claim)
+    METRICS.jobs_submitted.labels(*METRICS.job_labels(provider.name, model, principal.tenant)).inc()
     return _accepted(response, job_id)
 
 
