@@ -46,6 +46,21 @@ BullMQ owns `<prefix>:<queue>:*`. Flow API adds:
   held job: a length for autoscalers): fair share between tenants (`queue/fair_share.py`).
   Under BullMQ's prefix so they share the queue's Cluster slot; owned by the queue (a line
   empties as its jobs are taken; `obliterate` removes them all).
+- `flow:<queue>:file:<fileId>` (hash: tenant, name, purpose, size, lines, created) and
+  `flow:<queue>:file:<fileId>:chunks` (list of byte pieces): a `/v1/files` file; TTL
+  `FLOW_WORKER_RETENTION_S` (`batch/files.py`).
+- `<prefix>:<queue>:batch:<batchId>` (hash): a batch, its status, counts and enqueue cursor;
+  kept until it ends, then TTL `FLOW_WORKER_RETENTION_S`. Under BullMQ's prefix, because the
+  tally run at each line's end (`batch/tally.py`) updates it in one script with the job's hash.
+  Beside it `…:lease` (string): the API process driving it; TTL `FLOW_BATCH_LEASE_S`; and
+  `…:refused` (hash: line -> error): lines refused at enqueue (a key's token quota); TTL as
+  the batch's once it ends.
+- `<prefix>:<queue>:batches:<tenant>` (sorted set: batch id -> created ms): a tenant's batches,
+  for `GET /v1/batches`; an entry whose batch expired is dropped when a listing meets it.
+- `<prefix>:<queue>:batches:work` (sorted set: batch id -> due ms): batches with driver work
+  left (validate, enqueue, cancel, assemble output); owned by the API processes' drivers.
+- `flowBatchTallied` (a field in a batch job's own hash): its end was counted in its batch's
+  tally, so a second count is a no-op; removed with the job.
 """
 
 from __future__ import annotations
@@ -113,3 +128,30 @@ def admission_refusals_key(queue_name: str) -> str:
 
 def budget_wake_key(queue_name: str, provider: str, model: str, tenant: str) -> str:
     return f"{budget_key(queue_name, provider, model)}:wake:{tenant}"
+
+
+BATCH_TALLIED_FIELD = "flowBatchTallied"
+
+
+def file_key(queue_name: str, file_id: str) -> str:
+    return f"flow:{queue_name}:file:{file_id}"
+
+
+def file_chunks_key(queue_name: str, file_id: str) -> str:
+    return f"{file_key(queue_name, file_id)}:chunks"
+
+
+def batch_suffix(batch_id: str) -> str:
+    """A batch's hash, relative to the queue's BullMQ prefix (`Queue.toKey`)."""
+    return f"batch:{batch_id}"
+
+
+def batch_lease_suffix(batch_id: str) -> str:
+    return f"batch:{batch_id}:lease"
+
+
+def tenant_batches_suffix(tenant: str) -> str:
+    return f"batches:{tenant}"
+
+
+BATCH_WORK_SUFFIX = "batches:work"

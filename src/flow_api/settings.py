@@ -283,6 +283,32 @@ class AdmissionSettings(BaseSettings):
     retry_after_s: int = Field(5, ge=1, description="Retry-After of a queue_full answer")
 
 
+# --- batch (issue 16): /v1/files, /v1/batches ----------------------------------------------
+
+
+class BatchSettings(BaseSettings):
+    """OpenAI-compatible batches (`batch/`, the README's "Batches")."""
+
+    model_config = _section("FLOW_BATCH_")
+
+    max_file_bytes: int = Field(
+        200_000_000, gt=0, description="larger uploads to /v1/files get 413"
+    )
+    max_lines: int = Field(50_000, ge=1, description="a batch file with more lines gets 400")
+    chunk_bytes: int = Field(
+        262_144, ge=1024, description="a file is stored in Redis in pieces of this size"
+    )
+    enqueue_chunk: int = Field(
+        500, ge=1, le=10_000, description="lines validated and queued per round of the driver"
+    )
+    lease_s: float = Field(
+        30.0, gt=0, description="an API process that stops driving a batch loses it after this"
+    )
+    sweep_s: float = Field(
+        1.0, gt=0, description="how often each API process looks for batch work to take over"
+    )
+
+
 class Settings(BaseSettings):
     """Every setting of the service, grouped by concern."""
 
@@ -299,6 +325,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
     log_level: str = Field("INFO", description="FLOW_LOG_LEVEL")
 
     @field_validator("log_level")
@@ -327,4 +354,5 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "auth": AuthSettings,
     "budget": BudgetSettings,
     "admission": AdmissionSettings,
+    "batch": BatchSettings,
 }
