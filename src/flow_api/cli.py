@@ -1,4 +1,4 @@
-"""`flow-api up | api | worker | check | keys`: parse, build Settings, call `service`."""
+"""`flow-api up | api | worker | check | keys | batch`: parse, build Settings, call `service`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import uvloop
 from flow_api import data_folder
 from flow_api.auth import commands as key_commands
 from flow_api.auth.exposure import InsecureBinding
+from flow_api.batch import commands as batch_commands
 from flow_api.environment import SettingsInvalid, load_settings
 from flow_api.listener import listen
 from flow_api.settings import Settings
@@ -51,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("worker", help="a queue worker (production)")
     sub.add_parser("check", help="exit 1 unless Redis and a provider are usable")
     key_commands.add_commands(sub)
+    batch_commands.add_commands(sub)
     return parser
 
 
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         settings.api.host = args.host
     if args.command == "keys":
         return key_commands.run(args, settings)
+    if args.command == "batch":
+        return batch_commands.run(args, settings)
     try:
         return _serve(args, settings)
     except (StartupError, InsecureBinding) as exc:

@@ -307,6 +307,10 @@ class BatchSettings(BaseSettings):
     sweep_s: float = Field(
         1.0, gt=0, description="how often each API process looks for batch work to take over"
     )
+    api_url: str | None = Field(
+        None, description="`flow-api batch`: the API to use (default http://localhost:PORT)"
+    )
+    api_key: SecretStr | None = Field(None, description="`flow-api batch`: the API key to send")
 
 
 class Settings(BaseSettings):

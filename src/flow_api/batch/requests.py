@@ -5,7 +5,8 @@ the body a Chat Completions request. What the body may carry:
 
 - `model`: provider and model. `local/gemma-3-270m`, `anthropic/claude-…`, `openai/gpt-…`,
   `azure/<deployment>`, `fake/…` name the provider; a plain name (`gpt-4o-mini`) is a model
-  of the default provider (`FLOW_PROVIDER_DEFAULT`).
+  of the default provider (`FLOW_PROVIDER_DEFAULT`); `anthropic/` alone is that provider's
+  default model; no `model` at all, the default provider's default model.
 - `messages`: `system` and `developer` messages become `options.system`, `user` messages the
   `prompt` (several joined by blank lines); text parts only.
 - `temperature`, `seed`, `stop`: the options of the same name; `max_tokens` or
@@ -110,12 +111,14 @@ def _request(body: dict[str, Any]) -> GenerateRequest:
         raise _Refused("unsupported_parameter", "only n = 1 is supported", "body.n")
     if body.get("stream", False) is not False:
         raise _Refused("unsupported_parameter", "no streaming in a batch", "body.stream")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise _Refused("invalid_request", "body.model must be a non-empty string", "body.model")
+    model = body.get("model", "")
+    if not isinstance(model, str):
+        raise _Refused("invalid_request", "body.model must be a string", "body.model")
     provider, model_name = split_model(model)
     system, prompt = _messages(body.get("messages"))
-    options: dict[str, Any] = {"model": model_name}
+    options: dict[str, Any] = {}
+    if model_name:
+        options["model"] = model_name
     if provider is not None:
         options["provider"] = provider
     if system:
@@ -138,10 +141,11 @@ def _request(body: dict[str, Any]) -> GenerateRequest:
 
 
 def split_model(model: str) -> tuple[str | None, str]:
-    """`provider/model` → (provider, model); a plain name → (None: the default provider, it).
-    Only a known provider name before the first `/` is a provider: `org/model` stays a name."""
+    """`provider/model` → (provider, model); a plain name → (None: the default provider, it);
+    `provider/` → (provider, ""): its default model. Only a known provider name before the
+    first `/` is a provider: `org/model` stays a model name."""
     head, slash, rest = model.partition("/")
-    if slash and head in PROVIDER_NAMES and rest:
+    if slash and head in PROVIDER_NAMES:
         return head, rest
     return None, model
 

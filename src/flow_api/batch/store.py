@@ -214,6 +214,9 @@ class BatchRecord:
                 "failed": self.failed,
             },
             "metadata": self.metadata,
+            # Ours, beside OpenAI's fields: lines queued as jobs so far (the CLI's "in flight"
+            # is this less the lines ended).
+            "lines_queued": self.cursor,
         }
         for name in _TIMES:
             body[name] = self.times.get(name)
