@@ -307,6 +307,11 @@ class BatchSettings(BaseSettings):
     sweep_s: float = Field(
         1.0, gt=0, description="how often each API process looks for batch work to take over"
     )
+    reconcile_s: float = Field(
+        60.0,
+        gt=0,
+        description="how often a running batch's lines are recounted from their jobs' states",
+    )
     api_url: str | None = Field(
         None, description="`flow-api batch`: the API to use (default http://localhost:PORT)"
     )

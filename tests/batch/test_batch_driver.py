@@ -18,6 +18,7 @@ from flow_api.batch.requests import BatchRequest
 from flow_api.batch.store import BatchRecord, BatchStatus, BatchStore
 from flow_api.embedded import EmbeddedValkey
 from flow_api.providers import build_registry
+from flow_api.queue import consumer
 from flow_api.queue.admission import Admission
 from flow_api.queue.connection import connect
 from flow_api.queue.producer import JobQueue, job_queue
@@ -48,7 +49,7 @@ async def parts(settings: Settings) -> AsyncIterator[Parts]:
     binary = connect(settings.redis, decode=False)
     async with job_queue(settings.redis, settings.worker) as queue:
         files = FileStore(binary, settings.redis.queue_name, 1024, 600)
-        batches = BatchStore(queue, 600)
+        batches = BatchStore(queue, 600, reconcile_s=0.3)
         access = AccessControl(settings.auth, queue.redis, settings.redis.queue_name)
         args = (
             settings,
@@ -143,3 +144,32 @@ async def test_a_leased_batch_is_left_to_its_driver(parts: Parts) -> None:
     await asyncio.sleep(0.01)
     await BatchDriver(*parts.args).drive(batch_id)  # type: ignore[arg-type]
     assert (await parts.batches.get(batch_id)).enqueued
+
+
+class Forgetful:
+    """A worker's tally that never counts: as when BullMQ's stalled-job check fails a job."""
+
+    def __init__(self, *_: object) -> None:
+        pass
+
+    async def settled(self, job_id: str, data: object) -> None:
+        return None
+
+
+async def test_lines_that_ended_without_their_tally_are_recounted(
+    parts: Parts, start_worker: WorkerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(consumer, "BatchTally", Forgetful)
+    await start_worker()
+    batch_id = await _batch(parts)
+    running = asyncio.create_task(BatchDriver(*parts.args).run())  # type: ignore[arg-type]
+    try:
+        deadline = asyncio.get_running_loop().time() + 20
+        while (record := await parts.batches.get(batch_id)).status is not BatchStatus.COMPLETED:
+            assert asyncio.get_running_loop().time() < deadline, record
+            await asyncio.sleep(0.05)
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+    assert (record.completed, record.failed) == (LINES, 0)

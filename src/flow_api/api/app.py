@@ -55,7 +55,9 @@ def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> 
                 settings.batch.chunk_bytes,
                 settings.worker.retention_s,
             )
-            app.state.batches = BatchStore(queue, settings.worker.retention_s)
+            app.state.batches = BatchStore(
+                queue, settings.worker.retention_s, settings.batch.reconcile_s
+            )
             driver = BatchDriver(
                 settings,
                 queue,

@@ -12,7 +12,10 @@ time and any other takes over when that one dies. The steps, each resumable:
    the cursor (`cursor` in the batch's hash) moves past them. Job ids are derived from the
    batch and line (`output.line_job_id`), so a chunk queued again after a crash adds nothing.
 3. wait: nothing to do. Each line's job is counted at its end by the worker that ended it
-   (`tally.py`); the count that completes the batch puts it back in the work set.
+   (`tally.py`); the count that completes the batch puts it back in the work set. Every
+   `FLOW_BATCH_RECONCILE_S` a driver recounts the lines from their jobs' states (the same
+   idempotent tally), for a job that ended without the worker's hook (BullMQ's stalled-job
+   check failing a job that stalled too often).
 4. assemble (`finalizing`, or `cancelling`): write the output and error files (`output.py`),
    end the batch `completed` (`expired` when lines missed the completion window, `cancelled`
    after a cancel).
@@ -38,6 +41,7 @@ from flow_api.batch.files import FileStore
 from flow_api.batch.output import OutputAssembly, line_job_id
 from flow_api.batch.requests import BatchRequest, LineError, flow_error_line, parse_line
 from flow_api.batch.store import BatchRecord, BatchStatus, BatchStore, now_s
+from flow_api.batch.tally import BatchTally
 from flow_api.errors import FlowError, JobNotFound, QuotaExhausted
 from flow_api.jobs import BatchLine, JobData
 from flow_api.providers import ProviderRegistry
@@ -51,6 +55,7 @@ log = logging.getLogger(__name__)
 MAX_ERRORS = 100
 """Line errors kept on a failed batch (the count of the rest is named in the last one)."""
 CANCEL_AT_ONCE = 64
+"""Jobs cancelled (or recounted) at once."""
 
 
 def check_line(request: BatchRequest, settings: Settings, registry: ProviderRegistry) -> None:
@@ -81,6 +86,7 @@ class BatchDriver:
         self.access = access
         self.admission = admission
         self.assembly = OutputAssembly(files, jobs, batches)
+        self.tally = BatchTally(queue.redis, queue.bull.toKey)
         self._token = secrets.token_hex(8)
         self._wake = asyncio.Event()
 
@@ -129,20 +135,38 @@ class BatchDriver:
         except FlowError:  # expired or removed: nothing left to drive
             await self.batches.settle_work(batch_id)
             return
+        acted = False
         if record.status is BatchStatus.VALIDATING:
             if not await self._validate(record):
                 return
-            record = await self.batches.get(batch_id)
+            record, acted = await self.batches.get(batch_id), True
         if record.status is BatchStatus.IN_PROGRESS and not record.enqueued:
             await self._enqueue(record)
-            record = await self.batches.get(batch_id)
+            record, acted = await self.batches.get(batch_id), True
         if record.status is BatchStatus.CANCELLING and not record.cancel_sent:
             await self._cancel(record)
+            record, acted = await self.batches.get(batch_id), True
+        if not (acted or record.ready or record.status.ended) and record.enqueued:
+            await self._reconcile(record)  # due again with nothing else to do: recount
             record = await self.batches.get(batch_id)
         if record.ready and record.status in (BatchStatus.FINALIZING, BatchStatus.CANCELLING):
             await self._finalize(record)
-        elif record.status.ended:
-            await self.batches.settle_work(batch_id)
+            return
+        await self.batches.settle_work(batch_id)
+
+    async def _reconcile(self, record: BatchRecord) -> None:
+        """Count every line's job that ended without its tally (BullMQ's stalled-job check
+        fails a job that stalled too often without our worker's hook running). The tally is
+        idempotent per job, so lines counted already count nothing more."""
+        data = {"batch": {"id": record.id}}
+        lines = range(record.total)
+        for start in range(0, len(lines), CANCEL_AT_ONCE):
+            await asyncio.gather(
+                *(
+                    self.tally.settled(line_job_id(record.id, line), data)
+                    for line in lines[start : start + CANCEL_AT_ONCE]
+                )
+            )
 
     async def _validate(self, record: BatchRecord) -> bool:
         """Check every line; True when the batch may run (it is then `in_progress`)."""
@@ -266,7 +290,6 @@ class BatchDriver:
                 )
             )
         await self.batches.update(record.id, cancel_sent=1)
-        await self.batches.settle_work(record.id)
 
     async def _cancel_job(self, job_id: str) -> None:
         with contextlib.suppress(JobNotFound):  # refused at enqueue: never queued

@@ -83,23 +83,32 @@ return 1
 """
 
 # The last chunk is queued: from now on the tally may find the batch done (perhaps already);
-# until then no driver has work on it. KEYS: batch, work set. ARGV: now, batch id, cursor.
+# until then a driver only looks again after the reconcile delay (a job that ended without the
+# tally, such as one BullMQ's stalled-job check failed, is counted then).
+# KEYS: batch, work set. ARGV: now (s), batch id, cursor, the next look (ms).
 _ENQUEUED = (
     READY
     + """
 redis.call("HSET", KEYS[1], "enqueued", "1", "cursor", ARGV[3])
 local ready = flowBatchReady(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
 if ready == 0 and redis.call("HGET", KEYS[1], "status") == "in_progress" then
-  redis.call("ZREM", KEYS[2], ARGV[2])
+  redis.call("ZADD", KEYS[2], ARGV[4], ARGV[2])
 end
 return ready
 """
 )
 
-# A driver finished its work on the batch: out of the work set unless it became ready (the
-# tally put it back for its output) meanwhile. KEYS: batch, work set. ARGV: batch id.
+# A driver finished its work on the batch: next look after the reconcile delay, unless it
+# became ready (the tally put it back for its output) meanwhile, or ended.
+# KEYS: batch, work set. ARGV: batch id, the next look (ms).
 _SETTLE = """
-if not redis.call("HGET", KEYS[1], "ready") then redis.call("ZREM", KEYS[2], ARGV[1]) end
+local status = redis.call("HGET", KEYS[1], "status")
+if not status or status == "completed" or status == "failed" or status == "expired"
+   or status == "cancelled" then
+  redis.call("ZREM", KEYS[2], ARGV[1])
+elseif not redis.call("HGET", KEYS[1], "ready") then
+  redis.call("ZADD", KEYS[2], ARGV[2], ARGV[1])
+end
 return 1
 """
 
@@ -145,6 +154,10 @@ def new_batch_id() -> str:
 
 def now_s() -> int:
     return int(time.time())
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,8 +239,9 @@ class BatchRecord:
 class BatchStore:
     """Create, read, list and move batches; every key under the queue's BullMQ prefix."""
 
-    def __init__(self, queue: JobQueue, retention_s: int) -> None:
+    def __init__(self, queue: JobQueue, retention_s: int, reconcile_s: float = 60.0) -> None:
         self.redis: Redis = queue.redis
+        self.reconcile_ms = int(reconcile_s * 1000)
         self.key = queue.bull.toKey
         self.retention_s = retention_s
         self._skip_rest = self.redis.register_script(_SKIP_REST)
@@ -356,7 +370,7 @@ class BatchStore:
         with redis_errors_as_unavailable():
             await self._enqueued(
                 keys=[self.key(batch_suffix(batch_id)), self.work_key],
-                args=[now_s(), batch_id, cursor],
+                args=[now_s(), batch_id, cursor, _now_ms() + self.reconcile_ms],
             )
 
     async def cancel(self, batch_id: str, tenant: str) -> bool:
@@ -371,19 +385,23 @@ class BatchStore:
         return bool(reply == 1)
 
     async def due(self, count: int) -> list[str]:
-        """Batches with driver work left."""
+        """Batches with driver work due now."""
         with redis_errors_as_unavailable():
             ids = cast(
                 list[str],
-                await self.redis.zrangebyscore(self.work_key, "-inf", "+inf", start=0, num=count),
+                await self.redis.zrangebyscore(
+                    self.work_key, "-inf", _now_ms(), start=0, num=count
+                ),
             )
         return ids
 
     async def settle_work(self, batch_id: str) -> None:
-        """Nothing left for a driver until the tally marks it ready (or a cancel)."""
+        """Nothing left for a driver until the tally marks it ready, a cancel, or the next
+        reconcile."""
         with redis_errors_as_unavailable():
             await self._settle(
-                keys=[self.key(batch_suffix(batch_id)), self.work_key], args=[batch_id]
+                keys=[self.key(batch_suffix(batch_id)), self.work_key],
+                args=[batch_id, _now_ms() + self.reconcile_ms],
             )
 
     async def lease(self, batch_id: str, token: str, ms: int) -> bool:
