@@ -20,7 +20,16 @@ from flow_api.queue.connection import REDIS_TROUBLE, connect
 from flow_api.queue.consumer import QueueConsumer
 from flow_api.settings import Settings
 from flow_api.worker.attempt import AttemptChain
-from flow_api.worker.steps import Budget, Gate, ProviderTurn, Quota, Record, Resolve, call_provider
+from flow_api.worker.steps import (
+    Budget,
+    CrashLimit,
+    Gate,
+    ProviderTurn,
+    Quota,
+    Record,
+    Resolve,
+    call_provider,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +66,7 @@ class FlowWorker:
         steps = [
             Quota(quota),
             Resolve(self.registry, self.settings.worker),
+            CrashLimit(self.settings.worker),
             Budget(self.budget),
             Record(),
             Gate(),
