@@ -147,7 +147,8 @@ async def test_a_leased_batch_is_left_to_its_driver(parts: Parts) -> None:
 
 
 class Forgetful:
-    """A worker's tally that never counts: as when BullMQ's stalled-job check fails a job."""
+    """A worker's tally that never counts: as when each worker dies between a job's end and
+    its count."""
 
     def __init__(self, *_: object) -> None:
         pass

@@ -14,8 +14,8 @@ time and any other takes over when that one dies. The steps, each resumable:
 3. wait: nothing to do. Each line's job is counted at its end by the worker that ended it
    (`tally.py`); the count that completes the batch puts it back in the work set. Every
    `FLOW_BATCH_RECONCILE_S` a driver recounts the lines from their jobs' states (the same
-   idempotent tally), for a job that ended without the worker's hook (BullMQ's stalled-job
-   check failing a job that stalled too often).
+   idempotent tally), for a job that ended without its count (its worker died between the
+   job's end and the count, or a Redis failover lost the count's write).
 4. assemble (`finalizing`, or `cancelling`): write the output and error files (`output.py`),
    end the batch `completed` (`expired` when lines missed the completion window, `cancelled`
    after a cancel).
@@ -155,9 +155,9 @@ class BatchDriver:
         await self.batches.settle_work(batch_id)
 
     async def _reconcile(self, record: BatchRecord) -> None:
-        """Count every line's job that ended without its tally (BullMQ's stalled-job check
-        fails a job that stalled too often without our worker's hook running). The tally is
-        idempotent per job, so lines counted already count nothing more."""
+        """Count every line's job that ended without its tally (a worker that died between the
+        job's end and its count). The tally is idempotent per job, so lines counted already
+        count nothing more."""
         data = {"batch": {"id": record.id}}
         lines = range(record.total)
         for start in range(0, len(lines), CANCEL_AT_ONCE):

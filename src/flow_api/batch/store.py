@@ -84,7 +84,7 @@ return 1
 
 # The last chunk is queued: from now on the tally may find the batch done (perhaps already);
 # until then a driver only looks again after the reconcile delay (a job that ended without the
-# tally, such as one BullMQ's stalled-job check failed, is counted then).
+# tally, such as when its worker died between the two, is counted then).
 # KEYS: batch, work set. ARGV: now (s), batch id, cursor, the next look (ms).
 _ENQUEUED = (
     READY
