@@ -174,3 +174,20 @@ async def test_lines_that_ended_without_their_tally_are_recounted(
         with contextlib.suppress(asyncio.CancelledError):
             await running
     assert (record.completed, record.failed) == (LINES, 0)
+
+
+class CancelledWhileValidating(BatchDriver):
+    async def _validate(self, record: BatchRecord) -> bool:
+        assert await self.batches.cancel(record.id, record.tenant)
+        return await super()._validate(record)
+
+
+async def test_a_cancel_during_validation_wins(parts: Parts) -> None:
+    batch_id = await _batch(parts)
+    await CancelledWhileValidating(*parts.args).drive(batch_id)  # type: ignore[arg-type]
+    record = await parts.batches.get(batch_id)
+    assert record.status is BatchStatus.CANCELLED
+    assert (record.total, record.completed, record.failed) == (LINES, 0, LINES)
+    assert record.error_file_id is not None and record.output_file_id is None
+    redis, key = parts.queue.redis, parts.queue.bull.toKey
+    assert not await redis.exists(key(line_job_id(batch_id, 0)))  # nothing was queued

@@ -40,7 +40,7 @@ from flow_api.auth.principal import ALL_SCOPES, Principal
 from flow_api.batch.files import FileStore
 from flow_api.batch.output import OutputAssembly, line_job_id
 from flow_api.batch.requests import BatchRequest, LineError, flow_error_line, parse_line
-from flow_api.batch.store import BatchRecord, BatchStatus, BatchStore, now_s
+from flow_api.batch.store import BatchRecord, BatchStatus, BatchStore
 from flow_api.batch.tally import BatchTally
 from flow_api.errors import FlowError, JobNotFound, QuotaExhausted
 from flow_api.jobs import BatchLine, JobData
@@ -186,9 +186,7 @@ class BatchDriver:
                 kept[-1]["message"] += f" ({len(errors) - MAX_ERRORS} more lines have errors)"
             await self.batches.end(record.id, BatchStatus.FAILED, errors=_json(kept), total=lines)
             return False
-        await self.batches.update(
-            record.id, status=BatchStatus.IN_PROGRESS.value, in_progress_at=now_s(), total=lines
-        )
+        await self.batches.start(record.id, lines)
         return True
 
     def _check(self, raw: bytes, number: int, seen: set[str]) -> LineError | None:

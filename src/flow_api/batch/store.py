@@ -127,6 +127,15 @@ end
 return 1
 """
 
+# The validation passed: `in_progress`, unless a cancel came meanwhile (it stays `cancelling`,
+# now with its total). KEYS: batch. ARGV: now, total. 1: started; 0: cancelled meanwhile.
+_START = """
+redis.call("HSET", KEYS[1], "total", ARGV[2])
+if redis.call("HGET", KEYS[1], "status") ~= "validating" then return 0 end
+redis.call("HSET", KEYS[1], "status", "in_progress", "in_progress_at", ARGV[1])
+return 1
+"""
+
 # Renew a lease only while this driver holds it. KEYS: lease. ARGV: token, ms.
 _RENEW = """
 if redis.call("GET", KEYS[1]) == ARGV[1] then
@@ -250,6 +259,7 @@ class BatchStore:
         self._cancel = self.redis.register_script(_CANCEL)
         self._renew = self.redis.register_script(_RENEW)
         self._settle = self.redis.register_script(_SETTLE)
+        self._start = self.redis.register_script(_START)
 
     @property
     def work_key(self) -> str:
@@ -358,6 +368,11 @@ class BatchStore:
                 pipe.expire(f"{key}:refused", self.retention_s)
                 pipe.zrem(self.work_key, batch_id)
                 await pipe.execute()
+
+    async def start(self, batch_id: str, total: int) -> None:
+        """The batch validated: `in_progress` with `total` lines (unless cancelled meanwhile)."""
+        with redis_errors_as_unavailable():
+            await self._start(keys=[self.key(batch_suffix(batch_id))], args=[now_s(), total])
 
     async def skip_rest(self, batch_id: str, count: int, cursor: int) -> None:
         with redis_errors_as_unavailable():
