@@ -48,7 +48,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     secret = settings.batch.api_key
     key = args.api_key or (secret.get_secret_value() if secret else "none")
     client = openai.OpenAI(base_url=f"{url.rstrip('/')}/v1", api_key=key, max_retries=3)
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         if args.batch_command == "run":
             return _run(client, console, args.input, args.out, args.provider, args.model)
