@@ -136,6 +136,12 @@ redis.call("HSET", KEYS[1], "status", "in_progress", "in_progress_at", ARGV[1])
 return 1
 """
 
+# Give a lease up, only if this driver holds it. KEYS: lease. ARGV: token.
+_RELEASE = """
+if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) end
+return 0
+"""
+
 # Renew a lease only while this driver holds it. KEYS: lease. ARGV: token, ms.
 _RENEW = """
 if redis.call("GET", KEYS[1]) == ARGV[1] then
@@ -260,6 +266,7 @@ class BatchStore:
         self._renew = self.redis.register_script(_RENEW)
         self._settle = self.redis.register_script(_SETTLE)
         self._start = self.redis.register_script(_START)
+        self._release = self.redis.register_script(_RELEASE)
 
     @property
     def work_key(self) -> str:
@@ -433,4 +440,4 @@ class BatchStore:
 
     async def release(self, batch_id: str, token: str) -> None:
         with redis_errors_as_unavailable():
-            await self._renew(keys=[self.key(batch_lease_suffix(batch_id))], args=[token, 1])
+            await self._release(keys=[self.key(batch_lease_suffix(batch_id))], args=[token])
