@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flow_api.errors import InvalidRequest
-from flow_api.models import GenerateRequest
+from flow_api.models import GenerateRequest, WebhookOptions
 
 DEFAULT_TENANT = "default"
 """The tenant of every request while authentication is off, and of jobs stored before tenants
@@ -117,6 +117,8 @@ class JobData(BaseModel):
     and system text it was submitted with."""
     batch: BatchLine | None = None
     """Set for a job that runs one line of a batch (`/v1/batches`)."""
+    webhook: WebhookOptions | None = None
+    """Where the job's ending is sent: `options.webhook`, else its tenant's default at submit."""
 
     @classmethod
     def submitted(
@@ -152,6 +154,9 @@ class JobData(BaseModel):
     def with_charge(self, charge: Charge | None) -> JobData:
         return self.model_copy(update={"charge": charge})
 
+    def with_webhook(self, webhook: WebhookOptions | None) -> JobData:
+        return self.model_copy(update={"webhook": webhook})
+
     def wire(self) -> dict[str, Any]:
         """The JSON-ready dict stored as the BullMQ job's data."""
         data: dict[str, Any] = {"request": self.request.wire(), "tenant": self.tenant}
@@ -167,6 +172,8 @@ class JobData(BaseModel):
             data["trimmedChars"] = self.trimmed_chars
         if self.batch is not None:
             data["batch"] = self.batch.model_dump(by_alias=True)
+        if self.webhook is not None:
+            data["webhook"] = self.webhook.wire()
         return data
 
     def trimmed(self, keep_chars: int) -> JobData:

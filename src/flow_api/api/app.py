@@ -26,6 +26,7 @@ from flow_api.queue.connection import connect
 from flow_api.queue.producer import job_queue
 from flow_api.queue.store import JobStore
 from flow_api.settings import Settings
+from flow_api.webhooks.subscriptions import Subscriptions
 
 
 def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> FastAPI:
@@ -70,6 +71,7 @@ def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> 
             )
             app.state.batch_driver = driver
             driving = asyncio.create_task(driver.run(), name="batch-driver")
+            app.state.webhooks = Subscriptions(queue.redis, settings.redis, settings.webhook)
             try:
                 yield
             finally:
