@@ -121,7 +121,7 @@ async def test_an_enqueue_cut_short_is_resumed_without_duplicates(
     running = asyncio.create_task(other.run())
     try:
         await start_worker()
-        deadline = asyncio.get_running_loop().time() + 20
+        deadline = asyncio.get_running_loop().time() + 60
         while (record := await parts.batches.get(batch_id)).status is not BatchStatus.COMPLETED:
             assert asyncio.get_running_loop().time() < deadline, record
             await asyncio.sleep(0.05)
@@ -164,7 +164,7 @@ async def test_lines_that_ended_without_their_tally_are_recounted(
     batch_id = await _batch(parts)
     running = asyncio.create_task(BatchDriver(*parts.args).run())  # type: ignore[arg-type]
     try:
-        deadline = asyncio.get_running_loop().time() + 20
+        deadline = asyncio.get_running_loop().time() + 60
         while (record := await parts.batches.get(batch_id)).status is not BatchStatus.COMPLETED:
             assert asyncio.get_running_loop().time() < deadline, record
             await asyncio.sleep(0.05)
