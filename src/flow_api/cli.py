@@ -1,4 +1,5 @@
-"""`flow-api up | api | worker | check | keys | webhooks`: parse, build Settings, call `service`."""
+"""`flow-api up | api | worker | check | keys | webhooks | batch`: parse, build Settings, call
+`service`."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import uvloop
 from flow_api import data_folder
 from flow_api.auth import commands as key_commands
 from flow_api.auth.exposure import InsecureBinding
+from flow_api.batch import commands as batch_commands
 from flow_api.environment import SettingsInvalid, load_settings
 from flow_api.listener import listen
 from flow_api.observability.logs import configure_logging
@@ -53,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("worker", help="a queue worker (production)")
     sub.add_parser("check", help="exit 1 unless Redis and a provider are usable")
     key_commands.add_commands(sub)
+    batch_commands.add_commands(sub)
     webhook_commands.add_commands(sub)
     return parser
 
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         settings.api.host = args.host
     if args.command == "keys":
         return key_commands.run(args, settings)
+    if args.command == "batch":
+        return batch_commands.run(args, settings)
     if args.command == "webhooks":
         return webhook_commands.run(args, settings)
     try:

@@ -344,3 +344,41 @@ class LocalModelUnavailable(ProviderUnavailable):
 
     code = "local_model_unavailable"
     status = 503
+
+
+# --- batches (issue 16) ---------------------------------------------------------------------
+
+
+class BatchNotFound(FlowError):
+    """An unknown batch id, or another tenant's (the same answer, so ids reveal nothing)."""
+
+    code = "batch_not_found"
+    status = 404
+
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(f"no batch with id {batch_id!r} (it may have expired)")
+
+
+class FileNotFound(FlowError):
+    """An unknown file id, or another tenant's."""
+
+    code = "file_not_found"
+    status = 404
+
+    def __init__(self, file_id: str) -> None:
+        super().__init__(f"no file with id {file_id!r} (it may have expired)")
+
+
+class BatchFileRejected(FlowError):
+    """An upload or a batch request the batch API cannot take as a whole (too many lines, a
+    purpose or endpoint it does not serve, an input file that is not a batch file)."""
+
+    code = "invalid_batch_request"
+    status = 400
+
+
+class BatchNotCancellable(FlowError):
+    """Cancelling a batch that already ended."""
+
+    code = "batch_not_cancellable"
+    status = 409

@@ -89,6 +89,16 @@ class Charge(BaseModel):
     `maxTokens` to this many (None for reservations made before this existed)."""
 
 
+class BatchLine(BaseModel):
+    """Which line of which batch a job runs (`batch/`): the terminal hook tallies it there."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
+    batch_id: str = Field(alias="id")
+    line: int
+    custom_id: str = Field(alias="customId")
+
+
 class JobData(BaseModel):
     """What one job carries through the queue. Frozen: nobody edits a queued job's data."""
 
@@ -109,6 +119,8 @@ class JobData(BaseModel):
     trimmed_chars: int | None = Field(default=None, alias="trimmedChars")
     """Set once the job completed and its prompt was cut (`trimmed`): the characters of prompt
     and system text it was submitted with."""
+    batch: BatchLine | None = None
+    """Set for a job that runs one line of a batch (`/v1/batches`)."""
     webhook: WebhookOptions | None = None
     """Where the job's ending is sent: `options.webhook`, else its tenant's default at submit."""
 
@@ -168,6 +180,8 @@ class JobData(BaseModel):
             data["trace"] = self.trace
         if self.trimmed_chars is not None:
             data["trimmedChars"] = self.trimmed_chars
+        if self.batch is not None:
+            data["batch"] = self.batch.model_dump(by_alias=True)
         if self.webhook is not None:
             data["webhook"] = self.webhook.wire()
         return data

@@ -51,6 +51,21 @@ BullMQ owns `<prefix>:<queue>:*`. Flow API adds:
   of the currency); TTL `FLOW_USAGE_RETENTION_DAYS` (see `observability/usage.py`).
 - `flow:<queue>:auth:spend:{<keyId>}:<window>` (string) and `...:jobs` (hash): a key's spend
   cap ledger in millionths of the currency, as the token quota's above; TTL two windows.
+- `flow:<queue>:file:<fileId>` (hash: tenant, name, purpose, size, lines, created) and
+  `flow:<queue>:file:<fileId>:chunks` (list of byte pieces): a `/v1/files` file; TTL
+  `FLOW_WORKER_RETENTION_S` (`batch/files.py`).
+- `<prefix>:<queue>:batch:<batchId>` (hash): a batch, its status, counts and enqueue cursor;
+  kept until it ends, then TTL `FLOW_WORKER_RETENTION_S`. Under BullMQ's prefix, because the
+  tally run at each line's end (`batch/tally.py`) updates it in one script with the job's hash.
+  Beside it `…:lease` (string): the API process driving it; TTL `FLOW_BATCH_LEASE_S`; and
+  `…:refused` (hash: line -> error): lines refused at enqueue (a key's token quota); TTL as
+  the batch's once it ends.
+- `<prefix>:<queue>:batches:<tenant>` (sorted set: batch id -> created ms): a tenant's batches,
+  for `GET /v1/batches`; an entry whose batch expired is dropped when a listing meets it.
+- `<prefix>:<queue>:batches:work` (sorted set: batch id -> due ms): batches with driver work
+  left (validate, enqueue, cancel, assemble output); owned by the API processes' drivers.
+- `flowBatchTallied` (a field in a batch job's own hash): its end was counted in its batch's
+  tally, so a second count is a no-op; removed with the job.
 - `flow:<queue>:webhooks:secret:<tenant>` (hash: current, previous, previousUntil): a tenant's
   webhook signing secrets; owned by `flow-api webhooks secret rotate` (kept until then).
 - `flow:<queue>:webhooks:defaults` (hash: tenant -> subscription JSON): tenants' default
@@ -140,6 +155,33 @@ def spend_key(queue_name: str, key_id: str, window: int) -> str:
 
 def spend_jobs_key(queue_name: str, key_id: str, window: int) -> str:
     return f"{spend_key(queue_name, key_id, window)}:jobs"
+
+
+BATCH_TALLIED_FIELD = "flowBatchTallied"
+
+
+def file_key(queue_name: str, file_id: str) -> str:
+    return f"flow:{queue_name}:file:{file_id}"
+
+
+def file_chunks_key(queue_name: str, file_id: str) -> str:
+    return f"{file_key(queue_name, file_id)}:chunks"
+
+
+def batch_suffix(batch_id: str) -> str:
+    """A batch's hash, relative to the queue's BullMQ prefix (`Queue.toKey`)."""
+    return f"batch:{batch_id}"
+
+
+def batch_lease_suffix(batch_id: str) -> str:
+    return f"batch:{batch_id}:lease"
+
+
+def tenant_batches_suffix(tenant: str) -> str:
+    return f"batches:{tenant}"
+
+
+BATCH_WORK_SUFFIX = "batches:work"
 
 
 def webhook_secret_key(queue_name: str, tenant: str) -> str:

@@ -357,6 +357,41 @@ class UsageSettings(BaseSettings):
         return {**DEFAULT_PRICES, **self.prices}
 
 
+# --- batch (issue 16): /v1/files, /v1/batches ----------------------------------------------
+
+
+class BatchSettings(BaseSettings):
+    """OpenAI-compatible batches (`batch/`, the README's "Batches")."""
+
+    model_config = _section("FLOW_BATCH_")
+
+    max_file_bytes: int = Field(
+        200_000_000, gt=0, description="larger uploads to /v1/files get 413"
+    )
+    max_lines: int = Field(50_000, ge=1, description="a batch file with more lines gets 400")
+    chunk_bytes: int = Field(
+        262_144, ge=1024, description="a file is stored in Redis in pieces of this size"
+    )
+    enqueue_chunk: int = Field(
+        500, ge=1, le=10_000, description="lines validated and queued per round of the driver"
+    )
+    lease_s: float = Field(
+        30.0, gt=0, description="an API process that stops driving a batch loses it after this"
+    )
+    sweep_s: float = Field(
+        1.0, gt=0, description="how often each API process looks for batch work to take over"
+    )
+    reconcile_s: float = Field(
+        60.0,
+        gt=0,
+        description="how often a running batch's lines are recounted from their jobs' states",
+    )
+    api_url: str | None = Field(
+        None, description="`flow-api batch`: the API to use (default http://localhost:PORT)"
+    )
+    api_key: SecretStr | None = Field(None, description="`flow-api batch`: the API key to send")
+
+
 # --- webhooks (issue 15 item 2) -------------------------------------------------------------
 
 SVIX_SCHEDULE_S = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
@@ -421,6 +456,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     usage: UsageSettings = Field(default_factory=UsageSettings)
     log_format: Literal["text", "json"] = Field("text", description="FLOW_LOG_FORMAT")
+    batch: BatchSettings = Field(default_factory=BatchSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     log_level: str = Field("INFO", description="FLOW_LOG_LEVEL")
 
@@ -452,5 +488,6 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "admission": AdmissionSettings,
     "metrics": MetricsSettings,
     "usage": UsageSettings,
+    "batch": BatchSettings,
     "webhook": WebhookSettings,
 }

@@ -21,12 +21,13 @@ from flow_api.auth.access import AccessControl
 from flow_api.auth.principal import Principal, Scope
 from flow_api.errors import FlowError, Forbidden
 
-AUTHENTICATED_PATHS = "/api/"
-"""Every endpoint under this prefix needs a key (when authentication is on)."""
+AUTHENTICATED_PATHS = ("/api/", "/v1/")
+"""Every endpoint under these prefixes needs a key (when authentication is on)."""
 
 
 class AuthenticateFirst:
-    """Checks the `Authorization` header of `/api/` requests before anything reads the body.
+    """Checks the `Authorization` header of `/api/` and `/v1/` requests before anything reads
+    the body.
 
     FastAPI reads and parses a body parameter before it runs any dependency, so with the key
     checked in a dependency a caller without a key could make the API read, parse and validate

@@ -15,17 +15,41 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flow_api.api.errors import error_response
 
+UPLOAD_OVERHEAD_BYTES = 65_536
+"""Room for a multipart upload's framing around the file itself."""
+
 
 class BodySizeLimit:
+    """`uploads`: (exact path, size, time) for the one path with limits of its own (batch files)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        timeout_s: float,
+        uploads: tuple[str, int, float] | None = None,
+    ) -> None:
+        self.app = app
+        self.default = (max_bytes, timeout_s)
+        self.uploads = uploads
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limits = self.default
+        if self.uploads is not None and scope["path"] == self.uploads[0]:
+            limits = self.uploads[1:]
+        await _Limited(self.app, *limits)(scope, receive, send)
+
+
+class _Limited:
     def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._reject(scope, receive, send)

@@ -41,11 +41,12 @@ def out_of_memory() -> QueueFull:
     )
 
 
-def connect(settings: RedisSettings) -> Redis:
-    """A pooled Redis client with short timeouts, so a missing server answers fast."""
+def connect(settings: RedisSettings, *, decode: bool = True) -> Redis:
+    """A pooled Redis client with short timeouts, so a missing server answers fast.
+    `decode=False` answers bytes (stored files, whose pieces may split a UTF-8 character)."""
     return Redis.from_url(
         settings.url,
-        decode_responses=True,
+        decode_responses=decode,
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.socket_timeout_s,
         health_check_interval=30,

@@ -31,6 +31,7 @@ from bullmq import DelayedError, Job, UnrecoverableError
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
+from flow_api.batch.tally import BatchTally
 from flow_api.errors import FlowError
 from flow_api.jobs import JobData, now_ms
 from flow_api.keys import CANCEL_FIELD, FINISHING_FIELD, STARTED_FIELD, cancel_channel
@@ -342,6 +343,8 @@ class QueueConsumer:
             self.redis_settings.queue_name, self._process, self._worker_options()
         )
         self.slots.on("error", _log_worker_error)
+        # Batch lines are counted at their end by the worker that ended them (no polling).
+        self.slots.settled_hook = BatchTally(self.slots.client, self.slots.backend.toKey).settled
         listener = asyncio.create_task(self._listen_for_cancels())
         try:
             await self.slots.run()

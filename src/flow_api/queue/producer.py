@@ -117,9 +117,13 @@ class JobQueue:
         await self._hold(data.tenant, [(job_id, priority or 0)])
         return job_id
 
-    async def enqueue_many(self, jobs: Sequence[JobData], batch: int = 500) -> list[str]:
-        """Add many jobs, `batch` per round trip (benchmarks fill queues this way)."""
-        ids = [new_job_id() for _ in jobs]
+    async def enqueue_many(
+        self, jobs: Sequence[JobData], batch: int = 500, ids: Sequence[str] | None = None
+    ) -> list[str]:
+        """Add many jobs, `batch` per round trip (batches and benchmarks fill queues this way).
+        With `ids`, a job whose id is already stored is left as it is (bullmq's add of a known
+        id is a no-op), so adding the same chunk again after a crash duplicates nothing."""
+        ids = list(ids) if ids is not None else [new_job_id() for _ in jobs]
         entries = [
             {"name": JOB_NAME, "data": d.wire(), "opts": job_options(self.worker, i, None)}
             for d, i in zip(jobs, ids, strict=True)

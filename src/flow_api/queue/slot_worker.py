@@ -105,6 +105,9 @@ class SlotWorker(Worker):  # type: ignore[misc]  # bullmq ships no type informat
         self.backoff = RedisBackoff()
         """Shared by the slots while Redis refuses takes and finishes (out of memory, down)."""
         self._trim = self.client.register_script(_TRIM_COMPLETED)
+        self.settled_hook: Callable[[str, Any], Awaitable[None]] | None = None
+        """Called with a job's id and data after each finish or failure was written (the job
+        ended, or will be retried: the hook reads which); see `batch/tally.py`."""
         # Every take releases the next fair-share job first (see `fair_share`): swap bullmq's
         # two take scripts for the same text with that release before their pop of `wait`.
         commands = self.scripts.commands
@@ -267,6 +270,7 @@ class SlotWorker(Worker):  # type: ignore[misc]  # bullmq ships no type informat
             job.returnvalue = result
             job.attemptsMade = job.attemptsMade + 1
             self.emit("completed", job, result)
+            await self._settled(job)
             return following
         except (DelayedError, WaitingChildrenError):
             await self.persist("log", lambda: self._flush_logs(job))
@@ -277,6 +281,7 @@ class SlotWorker(Worker):  # type: ignore[misc]  # bullmq ships no type informat
                 await self.persist("log", lambda: self._flush_logs(job))
                 if not self.forceClosing:
                     await self.persist("fail", lambda: job.moveToFailed(error, token))
+                    await self._settled(job)
                 self.emit("failed", job, err)
             except Exception as failure:
                 self.emit("error", failure, job)
@@ -284,6 +289,16 @@ class SlotWorker(Worker):  # type: ignore[misc]  # bullmq ships no type informat
         finally:
             self.jobs.discard((job, token))
             self.lockManager.untrack_job(job.id)
+
+    async def _settled(self, job: Job) -> None:
+        """Run `settled_hook`, waited out like the finish (a batch's count must not miss it)."""
+        hook = self.settled_hook
+        if hook is None or self.forceClosing:
+            return
+        try:
+            await self.persist("settle", lambda: hook(str(job.id), job.data))
+        except Exception as exc:  # the job's own outcome is written; only a count is late
+            log.warning("job %s: settled hook failed: %s: %s", job.id, type(exc).__name__, exc)
 
     async def persist(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
         """`call()`, retried with the slots' shared backoff while Redis refuses it (out of
