@@ -46,6 +46,12 @@ BullMQ owns `<prefix>:<queue>:*`. Flow API adds:
   held job: a length for autoscalers): fair share between tenants (`queue/fair_share.py`).
   Under BullMQ's prefix so they share the queue's Cluster slot; owned by the queue (a line
   empties as its jobs are taken; `obliterate` removes them all).
+- `<prefix>:<queue>:<jobId>:stream` (stream): the job's events for `GET /api/ai/stream`
+  (`streaming/`); TTL the job retention, refreshed by each write; bounded per attempt
+  (`FLOW_STREAM_MAX_EVENTS`).
+- `<prefix>:<queue>:index:<tenant>` (sorted set, members `<created ms, 13 digits>:<jobId>`):
+  the tenant's jobs, newest last, for `GET /api/ai/jobs` (`listing.py`); entries older than the
+  retention are trimmed at each insert, and the key expires a retention after the last one.
 """
 
 from __future__ import annotations
@@ -113,3 +119,11 @@ def admission_refusals_key(queue_name: str) -> str:
 
 def budget_wake_key(queue_name: str, provider: str, model: str, tenant: str) -> str:
     return f"{budget_key(queue_name, provider, model)}:wake:{tenant}"
+
+
+def job_stream_key(prefix: str, queue_name: str, job_id: str) -> str:
+    return f"{prefix}:{queue_name}:{job_id}:stream"
+
+
+def job_index_key(prefix: str, queue_name: str, tenant: str) -> str:
+    return f"{prefix}:{queue_name}:index:{tenant}"

@@ -283,6 +283,35 @@ class AdmissionSettings(BaseSettings):
     retry_after_s: int = Field(5, ge=1, description="Retry-After of a queue_full answer")
 
 
+# --- token streaming and job listing (issue 15: GET /api/ai/stream/{jobId}, /api/ai/jobs) ---
+
+
+class StreamSettings(BaseSettings):
+    """Every job's events (status changes, tokens) in a per-job Redis Stream, and the listing."""
+
+    model_config = _section("FLOW_STREAM_")
+
+    tokens: bool = Field(
+        True, description="ask providers for tokens as they are produced and record them"
+    )
+    flush_ms: int = Field(
+        20, ge=1, le=1000, description="worker: the longest a token waits before it is written"
+    )
+    max_events: int = Field(
+        2000,
+        ge=10,
+        description="token events one attempt may write; beyond, the rest comes as one event "
+        "when the attempt ends",
+    )
+    block_ms: int = Field(
+        2000, ge=100, le=60_000, description="API: how long one stream read waits in Redis"
+    )
+    ping_s: float = Field(15.0, gt=0, description="API: keep-alive comment interval")
+    count_limit: int = Field(
+        10_000, ge=100, description="GET /api/ai/queue: the newest jobs counted per tenant"
+    )
+
+
 class Settings(BaseSettings):
     """Every setting of the service, grouped by concern."""
 
@@ -299,6 +328,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
     log_level: str = Field("INFO", description="FLOW_LOG_LEVEL")
 
     @field_validator("log_level")
@@ -327,4 +357,5 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "auth": AuthSettings,
     "budget": BudgetSettings,
     "admission": AdmissionSettings,
+    "stream": StreamSettings,
 }

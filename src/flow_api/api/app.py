@@ -10,16 +10,18 @@ from fastapi import FastAPI
 from flow_api.api.auth import AuthenticateFirst
 from flow_api.api.errors import install_error_handlers
 from flow_api.api.limits import BodySizeLimit
-from flow_api.api.routes import generate, health, jobs
+from flow_api.api.routes import generate, health, jobs, listing, stream
 from flow_api.api.security import allowed_hosts, install_security
 from flow_api.auth.access import AccessControl
 from flow_api.auth.exposure import check_exposure
 from flow_api.idempotency import IdempotencyStore
+from flow_api.listing import JobIndex
 from flow_api.providers import ProviderRegistry, build_registry
 from flow_api.queue.admission import Admission
 from flow_api.queue.producer import job_queue
 from flow_api.queue.store import JobStore
 from flow_api.settings import Settings
+from flow_api.streaming.reader import JobStreams
 
 
 def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> FastAPI:
@@ -33,7 +35,9 @@ def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> 
         async with job_queue(settings.redis, settings.worker) as queue:
             app.state.settings = settings
             app.state.queue = queue
-            app.state.store = JobStore(queue)
+            app.state.store = store = JobStore(queue)
+            app.state.streams = JobStreams(store, settings)
+            app.state.index = JobIndex(queue.redis, settings)
             app.state.admission = Admission(queue, settings.admission)
             app.state.registry = providers
             app.state.idempotency = IdempotencyStore(
@@ -60,6 +64,6 @@ def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> 
     )
     app.add_middleware(AuthenticateFirst)  # outside the body limit: a 401 reads no body
     install_security(app, settings.auth, allowed_hosts(settings))
-    for module in (generate, jobs, health):
+    for module in (generate, jobs, stream, listing, health):
         app.include_router(module.router)
     return app

@@ -19,8 +19,18 @@ from flow_api.providers import Provider, ProviderRegistry
 from flow_api.queue.connection import REDIS_TROUBLE, connect
 from flow_api.queue.consumer import QueueConsumer
 from flow_api.settings import Settings
+from flow_api.streaming.writer import StreamWriter
 from flow_api.worker.attempt import AttemptChain
-from flow_api.worker.steps import Budget, Gate, ProviderTurn, Quota, Record, Resolve, call_provider
+from flow_api.worker.steps import (
+    Budget,
+    Gate,
+    ProviderTurn,
+    Quota,
+    Record,
+    Resolve,
+    Stream,
+    call_provider,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +47,7 @@ class FlowWorker:
         self.registry = registry
         self.budget = RateBudget(settings)  # provider rate limits shared by all workers
         self.consumer: QueueConsumer | None = None
+        self.streams: StreamWriter | None = None
         self._stop_requested = False
 
     @contextlib.asynccontextmanager
@@ -44,8 +55,9 @@ class FlowWorker:
         """The process's one Redis pool (quota, budget, cancels, heartbeat), closed on exit."""
         redis = connect(self.settings.redis)
         self.budget = RateBudget(self.settings, redis)
+        self.streams = StreamWriter(redis, self.settings)
         try:
-            async with self.budget:
+            async with self.budget, self.streams.running():
                 yield redis
         finally:
             await redis.aclose()
@@ -62,6 +74,8 @@ class FlowWorker:
             Gate(),
             ProviderTurn(self.registry),
         ]
+        if self.streams is not None:
+            steps.append(Stream(self.streams, self.settings.stream.tokens))
         return AttemptChain(steps, call_provider)
 
     async def run(self) -> None:

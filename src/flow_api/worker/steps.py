@@ -19,6 +19,7 @@ from flow_api.models import Generation
 from flow_api.pipeline import generate
 from flow_api.providers import ProviderRegistry
 from flow_api.settings import WorkerSettings
+from flow_api.streaming.writer import StreamWriter
 from flow_api.worker.attempt import Attempt, Step
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,42 @@ class ProviderTurn(Step):
             turn.release()
 
 
+class Stream(Step):
+    """Writes the attempt to the job's stream (`GET /api/ai/stream/{jobId}`): its start, its
+    tokens as the provider produces them, a retry, and the job's outcome once decided.
+
+    Last before the call, so `active` means the provider call begins; `always_on_error`, so a
+    job that ends before (cancelled or expired at the gate, a budget refusal) ends its stream.
+    """
+
+    always_on_error = True
+
+    def __init__(self, writer: StreamWriter, tokens: bool) -> None:
+        self.writer = writer
+        self.tokens = tokens
+
+    async def before(self, attempt: Attempt) -> None:
+        stream = attempt.stream = self.writer.attempt(attempt.job.id, attempt.number)
+        stream.started()
+        if self.tokens:
+            attempt.on_token = stream.token
+
+    async def after(self, attempt: Attempt) -> None:
+        assert attempt.stream is not None
+        attempt.stream.ended("completed")
+
+    async def on_error(self, attempt: Attempt, error: FlowError, final: bool) -> None:
+        stream = attempt.stream or self.writer.attempt(attempt.job.id, attempt.number)
+        if not final:
+            stream.retrying(error.to_dict())
+        elif isinstance(error, JobCancelled):
+            stream.ended("cancelled")
+        elif isinstance(error, JobExpired):
+            stream.ended("expired")
+        else:
+            stream.ended("failed")
+
+
 async def call_provider(attempt: Attempt) -> Generation:
     """The provider call itself: the LangChain pipeline under the attempt's time limit."""
     assert attempt.data is not None and attempt.provider is not None
@@ -194,7 +231,11 @@ async def call_provider(attempt: Attempt) -> Generation:
     try:
         async with asyncio.timeout(attempt.timeout_s):
             return await generate(
-                attempt.provider, attempt.model, attempt.data.request, observe=observe
+                attempt.provider,
+                attempt.model,
+                attempt.data.request,
+                observe=observe,
+                on_token=attempt.on_token,
             )
     except TimeoutError:
         raise ProviderTimeout(

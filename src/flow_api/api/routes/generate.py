@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Annotated
 
 import orjson
@@ -18,14 +19,17 @@ from flow_api.api.deps import (
     StoreDep,
 )
 from flow_api.api.responses import errors
+from flow_api.api.routes.listing import IndexDep
 from flow_api.errors import FlowError, InvalidRequest
 from flow_api.jobs import JobData
+from flow_api.listing import JobIndex
 from flow_api.models import GenerateRequest, JobAccepted
 from flow_api.queue.admission import job_bytes
 from flow_api.queue.producer import new_job_id
 from flow_api.settings import ApiSettings, WorkerSettings
 
 router = APIRouter(prefix="/api/ai", tags=["jobs"])
+log = logging.getLogger(__name__)
 
 
 def check_limits(body: GenerateRequest, limits: ApiSettings, worker: WorkerSettings) -> None:
@@ -69,6 +73,7 @@ async def submit(
     admission: AdmissionDep,
     principal: SubmitterDep,
     access: AccessDep,
+    index: IndexDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JobAccepted:
@@ -101,12 +106,22 @@ async def submit(
             with contextlib.suppress(FlowError):  # unrecorded, the pending claim expires
                 await idempotency.failed(claim, error)
         raise
+    await _index(index, principal.tenant, job_id)
     if claim is not None:
         # The job is queued whatever happens here: a replay finds it by its id even if this
         # record is never written.
         with contextlib.suppress(FlowError):
             await idempotency.accepted(claim)
     return _accepted(response, job_id)
+
+
+async def _index(index: JobIndex, tenant: str, job_id: str) -> None:
+    """List the job (`GET /api/ai/jobs`). It is queued already: if Redis fails here it runs,
+    and shows everywhere but in the listing, rather than the client being told 503."""
+    try:
+        await index.add(tenant, job_id)
+    except FlowError as exc:
+        log.warning("job %s not listed: %s", job_id, exc.code)
 
 
 def _accepted(response: Response, job_id: str, *, replayed: bool = False) -> JobAccepted:
