@@ -21,7 +21,7 @@ from flow_api.api.deps import (
 from flow_api.api.responses import errors
 from flow_api.api.routes.listing import IndexDep
 from flow_api.errors import FlowError, InvalidRequest
-from flow_api.jobs import JobData
+from flow_api.jobs import JobData, now_ms
 from flow_api.listing import JobIndex
 from flow_api.models import GenerateRequest, JobAccepted
 from flow_api.queue.admission import job_bytes
@@ -86,7 +86,7 @@ async def submit(
     data = JobData.submitted(body, provider=provider.name, model=model, tenant=principal.tenant)
     size = job_bytes((body.prompt, body.options.system))
     await admission.admit(principal.tenant, size)  # or 503 queue_full: Redis keeps room to drain
-    job_id = new_job_id()
+    job_id, created_ms = new_job_id(), now_ms()  # one creation time: the record's, the index's
     claim = None
     if idempotency_key is not None:
         fingerprint = orjson.dumps(body.wire(), option=orjson.OPT_SORT_KEYS)
@@ -99,14 +99,19 @@ async def submit(
     charge = None
     try:
         charge = await access.reserve_tokens(principal, body, job_id)  # or 429
-        await queue.enqueue(data.with_charge(charge), priority=body.options.priority, job_id=job_id)
+        await queue.enqueue(
+            data.with_charge(charge),
+            priority=body.options.priority,
+            job_id=job_id,
+            created_ms=created_ms,
+        )
     except Exception as error:
         await access.refund(charge, job_id)
         if claim is not None and isinstance(error, FlowError):
             with contextlib.suppress(FlowError):  # unrecorded, the pending claim expires
                 await idempotency.failed(claim, error)
         raise
-    await _index(index, principal.tenant, job_id)
+    await _index(index, principal.tenant, job_id, created_ms)
     if claim is not None:
         # The job is queued whatever happens here: a replay finds it by its id even if this
         # record is never written.
@@ -115,11 +120,11 @@ async def submit(
     return _accepted(response, job_id)
 
 
-async def _index(index: JobIndex, tenant: str, job_id: str) -> None:
+async def _index(index: JobIndex, tenant: str, job_id: str, created_ms: int) -> None:
     """List the job (`GET /api/ai/jobs`). It is queued already: if Redis fails here it runs,
     and shows everywhere but in the listing, rather than the client being told 503."""
     try:
-        await index.add(tenant, job_id)
+        await index.add(tenant, job_id, created_ms)
     except FlowError as exc:
         log.warning("job %s not listed: %s", job_id, exc.code)
 
