@@ -291,8 +291,13 @@ class StreamSettings(BaseSettings):
 
     model_config = _section("FLOW_STREAM_")
 
-    tokens: bool = Field(
-        True, description="ask providers for tokens as they are produced and record them"
+    enabled: bool = Field(
+        True, description="workers write each job's events (off: streams show only the end)"
+    )
+    tokens: Literal["watched", "always", "never"] = Field(
+        "watched",
+        description="stream a call's tokens from the provider: when a client watches the job "
+        "as its attempt starts (else its text comes as one event at the end), always, or never",
     )
     flush_ms: int = Field(
         20, ge=1, le=1000, description="worker: the longest a token waits before it is written"

@@ -33,6 +33,7 @@ async def read_stream(
     last_event_id: str | None = None,
     stop_after: int | None = None,
     headers: dict[str, str] | None = None,
+    read_timeout_s: float = 30,
 ) -> list[Event]:
     """The job's events until the server closes the stream (or `stop_after` of them, then
     hang up, as a client that loses its connection)."""
@@ -40,7 +41,9 @@ async def read_stream(
     if last_event_id is not None:
         sent["Last-Event-ID"] = last_event_id
     events: list[Event] = []
-    async with aconnect_sse(client, "GET", f"/api/ai/stream/{job_id}", headers=sent) as source:
+    timeout = httpx.Timeout(10, read=read_timeout_s)  # events may be a keep-alive apart
+    path = f"/api/ai/stream/{job_id}"
+    async with aconnect_sse(client, "GET", path, headers=sent, timeout=timeout) as source:
         assert source.response.status_code == 200, await source.response.aread()
         assert source.response.headers["content-type"].startswith("text/event-stream")
         async for sse in source.aiter_sse():

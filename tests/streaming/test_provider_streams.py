@@ -4,6 +4,7 @@ model (llama.cpp in a model process) over its process protocol."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from importlib.util import find_spec
 
@@ -15,13 +16,13 @@ from flow_api.testing import Simulator, SimulatorConfig
 from tests.streaming.support import read_stream, streamed_text
 from tests.support import WorkerFactory, cloud_settings, make_settings, serving
 
-PROMPT = "tell me a story about streams"
+PROMPT = "tell me a story about streams that run to the sea past towns and hills and fields"
 
 
 @pytest.fixture
 async def paced_sim() -> AsyncIterator[Simulator]:
-    """The simulator producing 200 tokens a second, so an answer comes in many pieces."""
-    async with Simulator(SimulatorConfig(tokens_per_s=200)) as sim:
+    """The simulator producing 50 tokens a second, so an answer comes in many pieces."""
+    async with Simulator(SimulatorConfig(tokens_per_s=50)) as sim:
         yield sim
 
 
@@ -33,8 +34,9 @@ async def test_a_cloud_providers_tokens_stream_and_resume(
         valkey.url, paced_sim.url, provider=ProviderSettings(default=family, fake_enabled=False)
     )
     async with serving(settings) as api:
-        await start_worker(settings)
         job_id = await api.submit(PROMPT, maxTokens=60)
+        first = await read_stream(api.client, job_id, stop_after=1)  # watched from the start
+        await start_worker(settings)
         first = await read_stream(api.client, job_id, stop_after=4)
         rest = await read_stream(api.client, job_id, last_event_id=first[-1].id)
         whole = await read_stream(api.client, job_id)
@@ -62,9 +64,11 @@ async def test_the_local_models_tokens_stream_and_resume(
     )
     settings.worker.job_timeout_s = 120
     async with serving(settings) as api:
-        await start_worker(settings)
         job_id = await api.submit("What is the capital of France?", maxTokens=40, seed=3)
-        whole = await read_stream(api.client, job_id)
+        reading = asyncio.create_task(read_stream(api.client, job_id, read_timeout_s=240))
+        await asyncio.sleep(0.2)  # watched before its attempt starts: tokens are streamed
+        await start_worker(settings)
+        whole = await reading
         result = (await api.client.get(f"/api/ai/result/{job_id}")).json()
         assert whole[-1].event == "result", whole[-1]
         assert streamed_text(whole) == result["result"]["text"]

@@ -39,12 +39,20 @@ async def test_a_stream_read_from_the_start_equals_the_final_text(
     assert len({e.id for e in events}) == len(events)
 
 
+async def watched_from_the_start(api: Api, start_worker: WorkerFactory, prompt: str) -> list[Event]:
+    """Submit `prompt`, watch it, then start a worker: the whole stream, tokens streamed."""
+    job_id = await api.submit(prompt)
+    reading = asyncio.create_task(read_stream(api.client, job_id))
+    await asyncio.sleep(0.2)  # the watcher is registered before the attempt starts
+    await start_worker(registry=paced())
+    return await reading
+
+
 async def test_a_client_that_reconnects_gets_exactly_the_rest(
     api: Api, start_worker: WorkerFactory
 ) -> None:
-    await start_worker(registry=paced())
-    job_id = await api.submit(PROMPT)
-    whole = await read_stream(api.client, job_id)
+    whole = await watched_from_the_start(api, start_worker, PROMPT)
+    job_id = whole[-1].data["jobId"]
     assert len(whole) > 5
     for cut in range(1, len(whole)):
         first = await read_stream(api.client, job_id, stop_after=cut)
@@ -52,6 +60,17 @@ async def test_a_client_that_reconnects_gets_exactly_the_rest(
         assert first + rest == whole, f"cut after {cut} events"
     # After the final event there is nothing more: the stream closes at once.
     assert await read_stream(api.client, job_id, last_event_id=whole[-1].id) == []
+
+
+async def test_a_job_nobody_watched_has_its_text_in_one_event(
+    api: Api, start_worker: WorkerFactory
+) -> None:
+    await start_worker(registry=paced())
+    job_id = await api.submit(PROMPT)
+    assert (await api.wait(job_id))["status"] == "completed"
+    events = await read_stream(api.client, job_id)
+    assert kinds(events) == ["status", "status", "token", "result"]
+    assert streamed_text(events) == events[-1].data["result"]["text"]
 
 
 async def test_a_late_client_gets_every_event_of_a_finished_job_then_the_stream_closes(
@@ -75,11 +94,11 @@ async def test_streams_through_two_api_processes(
         update={"api": settings.api.model_copy(update={"port": free_port()})}
     )
     async with serving(other_settings) as other:
-        job_id = await api.submit(PROMPT)
-        await start_worker(registry=paced())
+        whole = await watched_from_the_start(api, start_worker, PROMPT)
+        job_id = whole[-1].data["jobId"]
         first = await read_stream(api.client, job_id, stop_after=3)
         rest = await read_stream(other.client, job_id, last_event_id=first[-1].id)
-        assert first + rest == await read_stream(other.client, job_id)
+        assert first + rest == whole == await read_stream(other.client, job_id)
         assert rest[-1].event == "result"
 
 

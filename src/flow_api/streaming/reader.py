@@ -15,7 +15,7 @@ import orjson
 from redis.asyncio import Redis
 
 from flow_api.history import JobHistory
-from flow_api.keys import job_stream_key
+from flow_api.keys import job_stream_key, job_watched_key
 from flow_api.models import ErrorBody, ErrorPayload
 from flow_api.queue.connection import redis_errors_as_unavailable
 from flow_api.queue.store import JobStore
@@ -69,11 +69,19 @@ class JobStreams:
         # A blocked read must end before the client's socket timeout would cut it.
         most_ms = max(100, int(settings.redis.socket_timeout_s * 1000) - 500)
         self.block_ms = min(settings.stream.block_ms, most_ms)
+        self.watch_s = min(settings.worker.retention_s, 86_400)
         # An `end` entry may trail the finish by a worker's flush: how long to look for it.
         self.settle_s = 2 * settings.stream.flush_ms / 1000 + 0.05
 
     async def history(self, job_id: str, tenant: str | None) -> JobHistory:
         return JobHistory(await self.store.fetch(job_id, tenant=tenant))
+
+    async def watch(self, job_id: str) -> None:
+        """Mark the job watched: its attempts that start from now stream the provider's tokens
+        (`FLOW_STREAM_TOKENS=watched`)."""
+        key = job_watched_key(self._prefix, self._queue, job_id)
+        with redis_errors_as_unavailable():
+            await self.redis.set(key, "1", ex=self.watch_s)
 
     async def events(
         self, job_id: str, tenant: str | None, after: str | None

@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from flow_api.keys import job_stream_key
+from flow_api.keys import job_stream_key, job_watched_key
 from flow_api.queue.connection import REDIS_TROUBLE
 from flow_api.settings import Settings
 from flow_api.streaming.events import DATA, END, KIND, STATUS, TOKEN
@@ -59,6 +59,14 @@ class StreamWriter:
         self.max_events = settings.stream.max_events
         self._pending: dict[str, list[_Entry]] = {}
         self._wake = asyncio.Event()
+
+    async def watched(self, job_id: str) -> bool:
+        """Whether a client has opened the job's stream (`FLOW_STREAM_TOKENS=watched`); False
+        when Redis cannot say (the text then comes as one event at the end)."""
+        try:
+            return bool(await self.redis.exists(job_watched_key(self._prefix, self._queue, job_id)))
+        except REDIS_TROUBLE:
+            return False
 
     def attempt(self, job_id: str, number: int) -> AttemptStream:
         """The stream of one attempt of `job_id`."""

@@ -55,9 +55,10 @@ class FlowWorker:
         """The process's one Redis pool (quota, budget, cancels, heartbeat), closed on exit."""
         redis = connect(self.settings.redis)
         self.budget = RateBudget(self.settings, redis)
-        self.streams = StreamWriter(redis, self.settings)
+        streams = StreamWriter(redis, self.settings)
+        self.streams = streams if self.settings.stream.enabled else None
         try:
-            async with self.budget, self.streams.running():
+            async with self.budget, streams.running():
                 yield redis
         finally:
             await redis.aclose()

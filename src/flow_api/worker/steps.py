@@ -192,25 +192,36 @@ class Stream(Step):
     """Writes the attempt to the job's stream (`GET /api/ai/stream/{jobId}`): its start, its
     tokens as the provider produces them, a retry, and the job's outcome once decided.
 
+    Tokens are asked of the provider (a streamed call) when a client watches the job as the
+    attempt starts (`FLOW_STREAM_TOKENS=watched`, the default), or always: a streamed call
+    costs the worker several times the CPU of a whole answer (each chunk is parsed by the SDK
+    and built into LangChain messages), so unwatched jobs keep the cheap path and their text
+    comes as one event when the attempt ends.
+
     Last before the call, so `active` means the provider call begins; `always_on_error`, so a
     job that ends before (cancelled or expired at the gate, a budget refusal) ends its stream.
     """
 
     always_on_error = True
 
-    def __init__(self, writer: StreamWriter, tokens: bool) -> None:
+    def __init__(self, writer: StreamWriter, tokens: str) -> None:
         self.writer = writer
         self.tokens = tokens
 
     async def before(self, attempt: Attempt) -> None:
         stream = attempt.stream = self.writer.attempt(attempt.job.id, attempt.number)
         stream.started()
-        if self.tokens:
+        if self.tokens == "always" or (
+            self.tokens == "watched" and await self.writer.watched(attempt.job.id)
+        ):
             attempt.on_token = stream.token
 
     async def after(self, attempt: Attempt) -> None:
-        assert attempt.stream is not None
-        attempt.stream.ended("completed")
+        stream, generation = attempt.stream, attempt.generation
+        assert stream is not None and generation is not None
+        if attempt.on_token is None:  # not streamed: the whole text in one event
+            stream.token(generation.text)
+        stream.ended("completed")
 
     async def on_error(self, attempt: Attempt, error: FlowError, final: bool) -> None:
         stream = attempt.stream or self.writer.attempt(attempt.job.id, attempt.number)

@@ -54,6 +54,8 @@ async def stream(
     after = parse_event_id(last_event_id)
     history = await streams.history(job_id, principal.tenant)
     ensure_owner(history.job, principal)
+    if not history.status.finished:
+        await streams.watch(job_id)
     events = streams.events(job_id, principal.tenant, after)
     return EventSourceResponse(_frames(events), ping=settings.stream.ping_s)
 
