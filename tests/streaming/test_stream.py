@@ -150,3 +150,20 @@ async def test_an_unknown_job_is_a_404(api: Api) -> None:
         answer = await api.client.get(f"/api/ai/stream/{job_id}")
         assert answer.status_code == 404
         assert answer.json()["error"]["code"] == "job_not_found"
+
+
+async def test_past_the_event_bound_the_rest_of_the_text_comes_as_one_event(
+    api: Api, settings: Settings, start_worker: WorkerFactory
+) -> None:
+    from flow_api.settings import StreamSettings
+
+    bounded = settings.model_copy(update={"stream": StreamSettings(max_events=10, flush_ms=1)})
+    job_id = await api.submit(PROMPT)
+    reading = asyncio.create_task(read_stream(api.client, job_id))
+    await asyncio.sleep(0.2)
+    await start_worker(bounded, paced())
+    events = await reading
+    tokens = [e for e in events if e.event == "token"]
+    assert len(tokens) == 11, [t.data["text"] for t in tokens]  # 10, then the rest at the end
+    assert len(tokens[-1].data["text"].split()) > 20
+    assert streamed_text(events) == events[-1].data["result"]["text"]
