@@ -217,6 +217,14 @@ class JobExpired(FlowError):
     status = 409
 
 
+class WorkerLost(FlowError):
+    """The job's workers stopped while running it (a crash, a kill, a lost Redis) more often
+    than `FLOW_WORKER_MAX_STALLED` allows: not run again, since each run may cost a provider
+    call and the job may be what kills them."""
+
+    code = "worker_lost"
+
+
 class WorkerFault(FlowError):
     """Something unexpected went wrong in the worker (a bug): retried like a transient error."""
 

@@ -213,3 +213,27 @@ async def test_an_expired_job_is_refunded(
         assert time.monotonic() < deadline, "the expired job's tokens were never given back"
         await asyncio.sleep(0.05)
     assert simulator.stats.requests == 0
+
+
+@pytest.mark.parametrize("auth_settings", [QUOTA], indirect=True)
+async def test_a_job_failed_for_crashing_its_workers_is_refunded(
+    caller: KeyMaker, start_worker: WorkerFactory, store: ApiKeyStore, settings: Settings
+) -> None:
+    # What BullMQ's stalled check writes on a job whose workers died more than maxStalledCount
+    # times (`defa`, a deferred failure), set here on a waiting job so that the next take is
+    # the one that fails it (`tests/reliability/test_crash_and_shutdown.py` kills real workers
+    # for it). Moved to failed behind the handler's back, its reservation stayed spent (soak
+    # seed 15667905: a key's ledger 107 tokens above its completed jobs' usage).
+    acme = await caller("acme")
+    job_id = await acme.submit("crashes every worker", maxTokens=40)
+    assert await ledger(store, settings, acme) > 40
+    job_key = f"{settings.redis.prefix}:{settings.redis.queue_name}:{job_id}"
+    await store.redis.hset(job_key, "defa", "job stalled more than allowable limit")
+    await start_worker()
+    status = await acme.wait(job_id)
+    assert status["status"] == "failed", status
+    assert status["error"]["code"] == "worker_lost", status
+    assert "FLOW_WORKER_MAX_STALLED" in status["error"]["message"]
+    assert await ledger(store, settings, acme) == 0
+    record = (await acme.get(f"/api/ai/jobs/{job_id}")).json()
+    assert "worker_lost" in str(record), record

@@ -6,7 +6,8 @@ Imported by worker processes only. The handler contract, in full:
 - raise `AttemptFailed(error, final=...)`: the handler already decided whether another attempt
   follows (`final=False`: BullMQ retries after `retry_delay_ms`; `final=True`: the job fails);
 - raise `JobDeferred` (through `JobHandle.defer`): the job went back to wait, no attempt spent;
-- let `CancelledError` out only on shutdown: the job is handed back to the queue.
+- let `CancelledError` out only on shutdown: the job is handed back to the queue;
+- fail a job `JobHandle.stalled_too_often` says BullMQ gave up on (final, no provider call).
 
 A client's cancel reaches the task running the job as `CancelledError` once, with
 `JobHandle.cancelled_by_client` set; the handler turns it into an outcome. Before a job ends,
@@ -121,6 +122,13 @@ class JobHandle:
     @property
     def max_attempts(self) -> int:
         return int(self._job.opts.get("attempts") or 1)
+
+    @property
+    def stalled_too_often(self) -> bool:
+        """BullMQ's stalled check found this job's lock lost more than `maxStalledCount`
+        times and marked it to fail (`deferredFailure`); the handler fails it, so that its
+        outcome is recorded and its quota settled like any other failure."""
+        return bool(self._job.deferredFailure)
 
     @property
     def starts(self) -> int:

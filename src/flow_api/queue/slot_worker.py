@@ -41,7 +41,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from bullmq import DelayedError, Job, UnrecoverableError, Worker
+from bullmq import DelayedError, Job, Worker
 from bullmq.custom_errors import WaitingChildrenError
 from bullmq.scripts import raw2NextJobData
 from bullmq.timer import Timer
@@ -253,11 +253,8 @@ class SlotWorker(Worker):  # type: ignore[misc]  # bullmq ships no type informat
         self.jobs.add((job, token))
         self.lockManager.track_job(job.id, token, int(time.time() * 1000))
         try:
-            if job.deferredFailure:
-                failure = UnrecoverableError(job.deferredFailure)
-                await self.persist("fail", lambda: job.moveToFailed(failure, token))
-                self.emit("failed", job, failure)
-                return None
+            # A job BullMQ marked to fail (`deferredFailure`, stalled too often) goes to the
+            # processor too: it fails it with its own outcome records (`JobHandle`).
             result = await self.processor(job, token)
             if self.forceClosing:
                 return None

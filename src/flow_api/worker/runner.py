@@ -23,6 +23,7 @@ from flow_api.streaming.writer import StreamWriter
 from flow_api.worker.attempt import AttemptChain
 from flow_api.worker.steps import (
     Budget,
+    CrashLimit,
     Gate,
     ProviderTurn,
     Quota,
@@ -70,6 +71,7 @@ class FlowWorker:
         steps = [
             Quota(quota),
             Resolve(self.registry, self.settings.worker),
+            CrashLimit(self.settings.worker),
             Budget(self.budget),
             Record(),
             Gate(),

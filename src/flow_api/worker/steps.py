@@ -13,6 +13,7 @@ from flow_api.errors import (
     JobCancelled,
     JobExpired,
     ProviderTimeout,
+    WorkerLost,
 )
 from flow_api.jobs import JobData, now_ms
 from flow_api.models import Generation
@@ -76,6 +77,23 @@ class Resolve(Step):
         attempt.timeout_s = min(
             limit_s, max(self.settings.max_job_timeout_s, self.settings.job_timeout_s)
         )
+
+
+class CrashLimit(Step):
+    """Fails, before any provider call, a job BullMQ's stalled check gave up on: its workers
+    stopped while running it more than `FLOW_WORKER_MAX_STALLED` times. Failed here, after
+    `Resolve`, it is settled and recorded like any final failure (quota refunded, the attempt's
+    end in its history) rather than moved to failed behind the handler's back."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.max_stalled = settings.max_stalled
+
+    async def before(self, attempt: Attempt) -> None:
+        if attempt.job.stalled_too_often:
+            raise WorkerLost(
+                f"its worker stopped while running it (a crash, a kill or a lost Redis) more "
+                f"than {self.max_stalled} times (FLOW_WORKER_MAX_STALLED); not run again"
+            )
 
 
 def _capped(data: JobData) -> JobData:
