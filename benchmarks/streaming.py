@@ -275,13 +275,13 @@ async def main(args: argparse.Namespace) -> None:
                     f"tokens/s (about 40 tokens an answer)\n"
                 )
                 rounds: list[dict[str, Run]] = []
-                for _ in range(args.rounds):
-                    rounds.append(
-                        {
-                            key: await throughput_run(key, args, redis, valkey.url, sim.url)
-                            for key in ("off", "on", "watched")
-                        }
-                    )
+                for number in range(args.rounds):
+                    runs: dict[str, Run] = {}
+                    for key in ("off", "on", "watched"):
+                        runs[key] = await throughput_run(key, args, redis, valkey.url, sim.url)
+                        print("  " + " | ".join(map(str, runs[key].row(number + 1))), flush=True)
+                    rounds.append(runs)
+                print()
                 rows = [
                     [
                         i + 1,
