@@ -9,6 +9,7 @@ Three setups, in alternated rounds (the machine is shared: only figures from one
   on       the defaults: every job's tokens streamed from the provider and written, batched
   watched  the defaults, and `--watchers` clients streaming jobs through a `flow-api api`
            (httpx-sse), each following one job to its end, then the next
+  always   (only with `--setups ...,always`) FLOW_STREAM_TOKENS=always: every call streamed
 
 Part 2, first-token latency. `--samples` jobs, `--parallel` at a time, each watched from its
 submit: the time from submit to the first `token` event at the client, beside the provider's
@@ -108,6 +109,8 @@ async def throughput_run(
     extra = {"FLOW_WORKER_CONCURRENCY": str(args.concurrency)}
     if name == "off":
         extra["FLOW_STREAM_ENABLED"] = "false"
+    elif name == "always":
+        extra["FLOW_STREAM_TOKENS"] = "always"
     worker = Child(
         [sys.executable, "-m", "flow_api.cli", "worker"],
         env=worker_env(redis_url, queue_name, sim_url, **extra),
@@ -268,6 +271,7 @@ async def main(args: argparse.Namespace) -> None:
     with valkey_server() as valkey, simulator(*sim_args) as sim:
         redis = Redis.from_url(valkey.url)
         try:
+            setups = ["off", *(k for k in args.setups.split(",") if k != "off")]
             if args.rounds > 0:
                 print(
                     f"\nThroughput: {args.jobs} jobs, concurrency {args.concurrency}, the "
@@ -277,7 +281,7 @@ async def main(args: argparse.Namespace) -> None:
                 rounds: list[dict[str, Run]] = []
                 for number in range(args.rounds):
                     runs: dict[str, Run] = {}
-                    for key in ("off", "on", "watched"):
+                    for key in setups:
                         runs[key] = await throughput_run(key, args, redis, valkey.url, sim.url)
                         print("  " + " | ".join(map(str, runs[key].row(number + 1))), flush=True)
                     rounds.append(runs)
@@ -297,7 +301,7 @@ async def main(args: argparse.Namespace) -> None:
                 header = ["round", "setup", "completed", "failed", "jobs/s", "worker CPU ms/job"]
                 print(table(header, rows))
                 print()
-                for key in ("on", "watched"):
+                for key in setups[1:]:
                     per_round = [each[key].per_s / each["off"].per_s for each in rounds]
                     cpu = [each[key].cpu_ms / each["off"].cpu_ms for each in rounds]
                     print(
@@ -322,6 +326,11 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency", type=float, default=1.0, help="seconds to the first token")
     parser.add_argument("--tokens-per-s", type=float, default=100.0)
     parser.add_argument("--rounds", type=int, default=3, help="0 skips the throughput part")
+    parser.add_argument(
+        "--setups",
+        default="off,on,watched",
+        help="compared with `off`; `always` streams every call (FLOW_STREAM_TOKENS=always)",
+    )
     parser.add_argument("--watchers", type=int, default=50, help="clients in `watched`")
     parser.add_argument("--samples", type=int, default=200, help="0 skips the latency part")
     parser.add_argument("--parallel", type=int, default=10, help="latency jobs at a time")
