@@ -1,4 +1,4 @@
-"""`flow-api up | api | worker | check | keys`: parse, build Settings, call `service`."""
+"""`flow-api up | api | worker | check | keys | webhooks`: parse, build Settings, call `service`."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from flow_api.listener import listen
 from flow_api.settings import Settings
 from flow_api.startup import StartupError
 from flow_api.stopping import StopRequests
+from flow_api.webhooks import commands as webhook_commands
 
 
 def _port(text: str) -> int:
@@ -51,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("worker", help="a queue worker (production)")
     sub.add_parser("check", help="exit 1 unless Redis and a provider are usable")
     key_commands.add_commands(sub)
+    webhook_commands.add_commands(sub)
     return parser
 
 
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         settings.api.host = args.host
     if args.command == "keys":
         return key_commands.run(args, settings)
+    if args.command == "webhooks":
+        return webhook_commands.run(args, settings)
     try:
         return _serve(args, settings)
     except (StartupError, InsecureBinding) as exc:

@@ -59,6 +59,19 @@ class ModelNotAllowed(InvalidRequest):
     code = "model_not_allowed"
 
 
+class WebhookUrlRefused(InvalidRequest):
+    """A webhook URL this service will not call: not https (outside the allow-list), too long,
+    unresolvable, or resolving to a private, loopback, link-local or multicast address."""
+
+    code = "webhook_url_refused"
+
+
+class WebhookSecretMissing(InvalidRequest):
+    """A webhook for a tenant that has no signing secret yet (an admin creates one)."""
+
+    code = "webhook_secret_missing"
+
+
 class JobNotFound(FlowError):
     code = "job_not_found"
     status = 404

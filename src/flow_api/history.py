@@ -31,6 +31,7 @@ from flow_api.models import (
     JobView,
     LogLine,
     Timings,
+    WebhookAttempt,
 )
 from flow_api.queue.store import StoredJob
 
@@ -199,6 +200,7 @@ class JobHistory:
                 queue_ms=started - job.created_ms if started else None,
                 run_ms=finished - started if finished and started else None,
             ),
+            webhooks=_webhook_attempts(entries) if job.data.webhook is not None else None,
         )
 
 
@@ -226,8 +228,30 @@ def _attempts(entries: list[dict[str, Any]]) -> list[Attempt]:
     return [Attempt.model_validate(a) for a in attempts]
 
 
+_WEBHOOK_FIELDS = frozenset(
+    ("eventId", "type", "attempt", "statusCode", "error", "durationMs", "delivered")
+)
+
+
+def _webhook_attempts(entries: list[dict[str, Any]]) -> list[WebhookAttempt]:
+    """Delivery attempts of the job's webhook event (`webhooks.delivery` writes them)."""
+    found = []
+    for entry in entries:
+        if entry.get("event") != "webhook":
+            continue
+        try:
+            fields = {k: v for k, v in entry.items() if k in _WEBHOOK_FIELDS}
+            found.append(WebhookAttempt.model_validate({**fields, "at": _when(entry.get("at"))}))
+        except ValidationError:  # a line from another version: shown in the logs only
+            continue
+    return found
+
+
 def _describe(entry: dict[str, Any]) -> str:
     event = entry.get("event")
+    if event == "webhook":
+        outcome = "delivered" if entry.get("delivered") else entry.get("error", "failed")
+        return f"webhook {entry.get('eventId')} attempt {entry.get('attempt')}: {outcome}"
     if event == "attempt":
         return (
             f"attempt {entry.get('attempt')} started on {entry.get('provider')}/"

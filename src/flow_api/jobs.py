@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flow_api.errors import InvalidRequest
-from flow_api.models import GenerateRequest
+from flow_api.models import GenerateRequest, WebhookOptions
 
 DEFAULT_TENANT = "default"
 """The tenant of every request while authentication is off, and of jobs stored before tenants
@@ -105,6 +105,8 @@ class JobData(BaseModel):
     trimmed_chars: int | None = Field(default=None, alias="trimmedChars")
     """Set once the job completed and its prompt was cut (`trimmed`): the characters of prompt
     and system text it was submitted with."""
+    webhook: WebhookOptions | None = None
+    """Where the job's ending is sent: `options.webhook`, else its tenant's default at submit."""
 
     @classmethod
     def submitted(
@@ -140,6 +142,9 @@ class JobData(BaseModel):
     def with_charge(self, charge: Charge | None) -> JobData:
         return self.model_copy(update={"charge": charge})
 
+    def with_webhook(self, webhook: WebhookOptions | None) -> JobData:
+        return self.model_copy(update={"webhook": webhook})
+
     def wire(self) -> dict[str, Any]:
         """The JSON-ready dict stored as the BullMQ job's data."""
         data: dict[str, Any] = {"request": self.request.wire(), "tenant": self.tenant}
@@ -153,6 +158,8 @@ class JobData(BaseModel):
             data["tokenCharge"] = self.charge.model_dump(exclude_none=True)
         if self.trimmed_chars is not None:
             data["trimmedChars"] = self.trimmed_chars
+        if self.webhook is not None:
+            data["webhook"] = self.webhook.wire()
         return data
 
     def trimmed(self, keep_chars: int) -> JobData:

@@ -55,6 +55,16 @@ BullMQ owns `<prefix>:<queue>:*`. Flow API adds:
 - `<prefix>:<queue>:index:<tenant>` (sorted set, members `<created ms, 13 digits>:<jobId>`):
   the tenant's jobs, newest last, for `GET /api/ai/jobs` (`listing.py`); entries older than the
   retention are trimmed at each insert, and the key expires a retention after the last one.
+- `flow:<queue>:webhooks:secret:<tenant>` (hash: current, previous, previousUntil): a tenant's
+  webhook signing secrets; owned by `flow-api webhooks secret rotate` (kept until then).
+- `flow:<queue>:webhooks:defaults` (hash: tenant -> subscription JSON): tenants' default
+  webhooks; owned by `flow-api webhooks default set/clear`.
+- `<prefix>:<queue>:webhooks:pending` (sorted set: job id -> submit ms): jobs with a webhook
+  whose ending has not yet been queued for delivery (the outbox, see `webhooks/outbox.py`); an
+  entry leaves once its delivery is queued, or once its job is gone. Under BullMQ's prefix so
+  the sweep's script reads it with the queue's own sets in one Cluster slot.
+- `<prefix>:<queue>-webhooks:*`: the BullMQ queue of deliveries (one job per event, id
+  `evt_<jobId>`), kept like jobs (`FLOW_WORKER_RETENTION_S`).
 """
 
 from __future__ import annotations
@@ -134,3 +144,20 @@ def job_index_key(prefix: str, queue_name: str, tenant: str) -> str:
 
 def job_watched_key(prefix: str, queue_name: str, job_id: str) -> str:
     return f"{prefix}:{queue_name}:{job_id}:watched"
+
+
+def webhook_secret_key(queue_name: str, tenant: str) -> str:
+    return f"flow:{queue_name}:webhooks:secret:{tenant}"
+
+
+def webhook_defaults_key(queue_name: str) -> str:
+    return f"flow:{queue_name}:webhooks:defaults"
+
+
+def webhook_pending_key(prefix: str, queue_name: str) -> str:
+    return f"{prefix}:{queue_name}:webhooks:pending"
+
+
+def webhook_queue_name(queue_name: str) -> str:
+    """The BullMQ queue of webhook deliveries beside the job queue `queue_name`."""
+    return f"{queue_name}-webhooks"

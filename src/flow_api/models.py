@@ -37,6 +37,27 @@ class WireModel(BaseModel):
 StopSequence = Annotated[StrictStr, Field(min_length=1, max_length=200)]
 
 
+class WebhookEventType(StrEnum):
+    """The job endings a webhook can be sent for (as `job.<type>` events)."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+MAX_WEBHOOK_URL_BYTES = 2048
+
+
+class WebhookOptions(WireModel):
+    """`options.webhook`: where to POST, signed, when the job ends (and for which endings)."""
+
+    url: Annotated[StrictStr, Field(min_length=1, max_length=MAX_WEBHOOK_URL_BYTES)]
+    events: Annotated[list[WebhookEventType], Field(min_length=1, max_length=4)] = Field(
+        default_factory=lambda: list(WebhookEventType)
+    )
+
+
 class GenerateOptions(WireModel):
     """Per-request generation options; every field is optional."""
 
@@ -51,6 +72,7 @@ class GenerateOptions(WireModel):
     seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     start_within_ms: Annotated[StrictInt, Field(ge=1, le=30 * 86_400_000)] | None = None
     metadata: dict[str, Any] | None = None
+    webhook: WebhookOptions | None = None
 
     @field_validator("metadata")
     @classmethod
@@ -201,6 +223,19 @@ class Timings(WireModel):
     run_ms: int | None = None
 
 
+class WebhookAttempt(WireModel):
+    """One try at delivering a job's webhook event (never the receiver's answer body)."""
+
+    event_id: str
+    type: WebhookEventType
+    attempt: int
+    at: datetime
+    status_code: int | None = None
+    error: str | None = None
+    duration_ms: int | None = None
+    delivered: bool = False
+
+
 class JobRecord(WireModel):
     """`GET /api/ai/jobs/{jobId}`: the whole history of one job."""
 
@@ -212,6 +247,7 @@ class JobRecord(WireModel):
     attempts: list[Attempt]
     logs: list[LogLine]
     timings: Timings
+    webhooks: list[WebhookAttempt] | None = None
 
 
 # --- job listing (issue 15: GET /api/ai/jobs, GET /api/ai/queue) ----------------------------

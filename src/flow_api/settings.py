@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
+import orjson
 from pydantic import (
     AliasChoices,
     BaseModel,
@@ -20,7 +21,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ProviderName = Literal["openai", "azure", "anthropic", "local", "fake"]
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -317,6 +318,51 @@ class StreamSettings(BaseSettings):
     )
 
 
+# --- webhooks (issue 15 item 2) -------------------------------------------------------------
+
+SVIX_SCHEDULE_S = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+"""Delays before each retry of a webhook delivery: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h
+(Svix's schedule; about 27 h from the first attempt to the last)."""
+
+
+class WebhookSettings(BaseSettings):
+    """Signed webhook deliveries when jobs end (see `webhooks/` and the README's "Webhooks")."""
+
+    model_config = _section("FLOW_WEBHOOK_")
+
+    allow_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="host names or CIDRs that may be private/loopback and plain http "
+        "(comma-separated or JSON); empty = public https only",
+    )
+    schedule_s: Annotated[list[Annotated[float, Field(ge=0)]], Field(max_length=50)] = Field(
+        default_factory=lambda: list(SVIX_SCHEDULE_S),
+        description="delay before each retry; its length is the number of retries",
+    )
+    jitter: float = Field(0.2, ge=0, le=1, description="each delay varies by up to this share")
+    timeout_s: float = Field(10.0, gt=0, le=60, description="one delivery's connect+answer limit")
+    concurrency: int = Field(50, ge=1, le=1000, description="deliveries in flight per worker")
+    secret_grace_s: int = Field(
+        86_400, ge=0, description="after a rotate, the old secret also signs this long"
+    )
+    sweep_interval_s: float = Field(
+        1.0, gt=0, le=60, description="how often a worker looks for jobs that ended"
+    )
+    default_cache_s: float = Field(
+        5.0, ge=0, le=300, description="how long an API process reuses a tenant's default"
+    )
+
+    @field_validator("allow_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return orjson.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+
 class Settings(BaseSettings):
     """Every setting of the service, grouped by concern."""
 
@@ -334,6 +380,7 @@ class Settings(BaseSettings):
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     log_level: str = Field("INFO", description="FLOW_LOG_LEVEL")
 
     @field_validator("log_level")
@@ -363,4 +410,5 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "budget": BudgetSettings,
     "admission": AdmissionSettings,
     "stream": StreamSettings,
+    "webhook": WebhookSettings,
 }

@@ -10,6 +10,9 @@ WORKER_ONLY = (
     "flow_api.worker",
     "flow_api.queue.consumer",
     "flow_api.queue.slot_worker",
+    "flow_api.queue.delivery_worker",
+    "flow_api.webhooks.runner",
+    "flow_api.webhooks.delivery",
     "flow_api.budget",
     "flow_api.pipeline",
 )

@@ -320,6 +320,18 @@ class Stack:
         return "\n".join(p.read_text(errors="replace") for p in self.root.glob("worker-*.log"))
 
 
+def _awaiting(task: asyncio.Task[Any]) -> str:
+    """Where a task waits, outermost first: its coroutine's chain of awaits (`get_stack` shows
+    a suspended coroutine's outermost frame only)."""
+    where, coro = [], task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            where.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return " -> ".join(where) or repr(task)
+
+
 # --- the driver ---------------------------------------------------------------------------
 
 
@@ -384,9 +396,7 @@ class Driver:
                 continue
             lines = [f"driver made no progress for {stall_s:.0f} s; tasks:"]
             for task in asyncio.all_tasks():
-                frames = task.get_stack(limit=8)
-                where = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(frames))
-                lines.append(f"  {task.get_name()}: {where}")
+                lines.append(f"  {task.get_name()}: {_awaiting(task)}")
             for line in lines:
                 print(f"VIOLATION: stall | {line}", flush=True)
             self.model.violations.append("\n".join(lines))
@@ -427,16 +437,27 @@ class Driver:
             await asyncio.sleep(rng.uniform(0, 0.3))
         elif roll < 0.94:
             self.model.actions["worker SIGKILL"] += 1
+            await self._until_serving()
             await self._disrupting()
             self.stack.kill_worker(rng.random())
         elif roll < 0.985:
             self.model.actions["worker SIGTERM"] += 1
+            await self._until_serving()
             await self._disrupting()
             self._spawn(self._term(rng.random()))
         else:
             self.model.actions["Valkey restart"] += 1
             await self._disrupting()
             await self.stack.restart_valkey(rng.random() < 0.5, rng.uniform(0.3, 1.5))
+
+    async def _until_serving(self, timeout_s: float = 30) -> None:
+        """Wait until some worker serves: on a loaded machine a worker takes many seconds to
+        start, and crashes drawn faster than that kill only workers still starting (seen: no
+        provider call ever in flight at a crash), so no crash would ever cut a call."""
+        deadline = time.monotonic() + timeout_s
+        while not self.stack.serving_workers() and time.monotonic() < deadline:
+            self.progress = time.monotonic()
+            await asyncio.sleep(0.1)
 
     async def _disrupting(self) -> None:
         """Count what a crash or restart may make run twice (the bound checked): every job a
@@ -843,7 +864,8 @@ class Driver:
             f"jobs: {len(model.jobs)} acknowledged, final {dict(statuses)}; cancels won "
             f"{len(model.cancel_won)}, lost {len(model.cancel_lost)}; at crashes and "
             f"restarts: {model.in_flight_at_disruptions} jobs held, "
-            f"{model.calls_at_disruptions} provider calls in flight",
+            f"{model.calls_at_disruptions} provider calls in flight (at most "
+            f"{self.stack.simulator.stats.max_in_flight} at once in the run)",
             f"replay: FLOW_SOAK_SEED={self.seed} FLOW_SOAK_STEPS={self.steps}",
         ]
         lines += [f"VIOLATION: {v}" for v in model.violations[:30]]

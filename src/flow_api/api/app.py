@@ -22,6 +22,7 @@ from flow_api.queue.producer import job_queue
 from flow_api.queue.store import JobStore
 from flow_api.settings import Settings
 from flow_api.streaming.reader import JobStreams
+from flow_api.webhooks.subscriptions import Subscriptions
 
 
 def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> FastAPI:
@@ -44,6 +45,7 @@ def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> 
                 queue.redis, settings.redis.queue_name, settings.api.idempotency_ttl_s
             )
             app.state.access = AccessControl(settings.auth, queue.redis, settings.redis.queue_name)
+            app.state.webhooks = Subscriptions(queue.redis, settings.redis, settings.webhook)
             try:
                 yield
             finally:

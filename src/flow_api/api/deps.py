@@ -18,6 +18,7 @@ from flow_api.queue.admission import Admission
 from flow_api.queue.producer import JobQueue
 from flow_api.queue.store import JobStore
 from flow_api.settings import Settings
+from flow_api.webhooks.subscriptions import Subscriptions
 
 
 def _state(name: str) -> Callable[[Request], Awaitable[Any]]:
@@ -35,3 +36,4 @@ RegistryDep = Annotated[ProviderRegistry, Depends(_state("registry"))]
 SettingsDep = Annotated[Settings, Depends(_state("settings"))]
 AdmissionDep = Annotated[Admission, Depends(_state("admission"))]
 IdempotencyDep = Annotated[IdempotencyStore, Depends(_state("idempotency"))]
+WebhooksDep = Annotated[Subscriptions, Depends(_state("webhooks"))]

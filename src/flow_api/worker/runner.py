@@ -20,6 +20,7 @@ from flow_api.queue.connection import REDIS_TROUBLE, connect
 from flow_api.queue.consumer import QueueConsumer
 from flow_api.settings import Settings
 from flow_api.streaming.writer import StreamWriter
+from flow_api.webhooks.runner import WebhookRunner
 from flow_api.worker.attempt import AttemptChain
 from flow_api.worker.steps import (
     Budget,
@@ -103,12 +104,17 @@ class FlowWorker:
                 if self._stop_requested:
                     return
                 beating = asyncio.create_task(self._beat(redis, consumer))
+                webhooks = WebhookRunner(self.settings, redis)
+                hooking = asyncio.create_task(webhooks.run())
                 try:
                     await consumer.run()
                 finally:
                     beating.cancel()
+                    await webhooks.stop()
                     with contextlib.suppress(asyncio.CancelledError):
                         await beating
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await hooking
                 if not self._stop_requested:
                     raise WorkerStopped("the worker's queue loop ended without a stop request")
         finally:

@@ -17,6 +17,7 @@ from flow_api.api.deps import (
     RegistryDep,
     SettingsDep,
     StoreDep,
+    WebhooksDep,
 )
 from flow_api.api.responses import errors
 from flow_api.api.routes.listing import IndexDep
@@ -74,6 +75,7 @@ async def submit(
     principal: SubmitterDep,
     access: AccessDep,
     index: IndexDep,
+    webhooks: WebhooksDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JobAccepted:
@@ -84,6 +86,8 @@ async def submit(
     check_limits(body, settings.api, settings.worker)
     provider, model = registry.resolve(body.options)
     data = JobData.submitted(body, provider=provider.name, model=model, tenant=principal.tenant)
+    webhook = await webhooks.resolve(principal.tenant, body.options.webhook)  # or 422
+    data = data.with_webhook(webhook)
     size = job_bytes((body.prompt, body.options.system))
     await admission.admit(principal.tenant, size)  # or 503 queue_full: Redis keeps room to drain
     job_id, created_ms = new_job_id(), now_ms()  # one creation time: the record's, the index's
@@ -99,6 +103,8 @@ async def submit(
     charge = None
     try:
         charge = await access.reserve_tokens(principal, body, job_id)  # or 429
+        if webhook is not None:  # before the job exists: no ending can slip past the outbox
+            await webhooks.register(job_id)
         await queue.enqueue(
             data.with_charge(charge),
             priority=body.options.priority,
