@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,6 +30,8 @@ from flow_api.settings import Settings
 from flow_api.streaming.events import DATA, END, KIND, STATUS, TOKEN
 
 log = logging.getLogger(__name__)
+
+_WARN_EVERY_S = 30.0
 
 
 class _Entry:
@@ -59,6 +62,7 @@ class StreamWriter:
         self.max_events = settings.stream.max_events
         self._pending: dict[str, list[_Entry]] = {}
         self._wake = asyncio.Event()
+        self._quiet_until = 0.0
 
     async def watched(self, job_id: str) -> bool:
         """Whether a client has opened the job's stream (`FLOW_STREAM_TOKENS=watched`); False
@@ -102,8 +106,14 @@ class StreamWriter:
         try:
             await pipe.execute()
         except REDIS_TROUBLE as exc:
-            log.warning(
-                "stream events of %d jobs not written: %s", len(pending), type(exc).__name__
+            # At most one warning every few seconds: a Redis refusing writes for minutes must
+            # not flood the log (a line per flush is 50 a second).
+            now = time.monotonic()
+            level = logging.WARNING if now >= self._quiet_until else logging.DEBUG
+            if level == logging.WARNING:
+                self._quiet_until = now + _WARN_EVERY_S
+            log.log(
+                level, "stream events of %d jobs not written: %s", len(pending), type(exc).__name__
             )
 
     async def run(self) -> None:
