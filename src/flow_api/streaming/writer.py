@@ -109,8 +109,9 @@ class StreamWriter:
             # At most one warning every few seconds: a Redis refusing writes for minutes must
             # not flood the log (a line per flush is 50 a second).
             now = time.monotonic()
-            level = logging.WARNING if now >= self._quiet_until else logging.DEBUG
-            if level == logging.WARNING:
+            # INFO: the jobs' outcomes are unaffected (a stream is a view of the job).
+            level = logging.INFO if now >= self._quiet_until else logging.DEBUG
+            if level == logging.INFO:
                 self._quiet_until = now + _WARN_EVERY_S
             log.log(
                 level, "stream events of %d jobs not written: %s", len(pending), type(exc).__name__
