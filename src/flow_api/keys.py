@@ -66,6 +66,15 @@ BullMQ owns `<prefix>:<queue>:*`. Flow API adds:
   left (validate, enqueue, cancel, assemble output); owned by the API processes' drivers.
 - `flowBatchTallied` (a field in a batch job's own hash): its end was counted in its batch's
   tally, so a second count is a no-op; removed with the job.
+- `<prefix>:<queue>:<jobId>:stream` (stream): the job's events for `GET /api/ai/stream`
+  (`streaming/`); TTL the job retention, refreshed by each write; bounded per attempt
+  (`FLOW_STREAM_MAX_EVENTS`).
+- `<prefix>:<queue>:<jobId>:watched` (string): a client opened the job's stream before it
+  ended, so its attempts stream tokens from the provider (`FLOW_STREAM_TOKENS=watched`); TTL a
+  day at most (the job retention if shorter), set again by each new watcher.
+- `<prefix>:<queue>:index:<tenant>` (sorted set, members `<created ms, 13 digits>:<jobId>`):
+  the tenant's jobs, newest last, for `GET /api/ai/jobs` (`listing.py`); entries older than the
+  retention are trimmed at each insert, and the key expires a retention after the last one.
 - `flow:<queue>:webhooks:secret:<tenant>` (hash: current, previous, previousUntil): a tenant's
   webhook signing secrets; owned by `flow-api webhooks secret rotate` (kept until then).
 - `flow:<queue>:webhooks:defaults` (hash: tenant -> subscription JSON): tenants' default
@@ -182,6 +191,18 @@ def tenant_batches_suffix(tenant: str) -> str:
 
 
 BATCH_WORK_SUFFIX = "batches:work"
+
+
+def job_stream_key(prefix: str, queue_name: str, job_id: str) -> str:
+    return f"{prefix}:{queue_name}:{job_id}:stream"
+
+
+def job_index_key(prefix: str, queue_name: str, tenant: str) -> str:
+    return f"{prefix}:{queue_name}:index:{tenant}"
+
+
+def job_watched_key(prefix: str, queue_name: str, job_id: str) -> str:
+    return f"{prefix}:{queue_name}:{job_id}:watched"
 
 
 def webhook_secret_key(queue_name: str, tenant: str) -> str:

@@ -285,3 +285,24 @@ class UsageReport(WireModel):
     currency: str
     groups: list[UsageGroup]
     total: UsageGroup
+
+
+# --- job listing (issue 15: GET /api/ai/jobs, GET /api/ai/queue) ----------------------------
+
+
+class JobList(WireModel):
+    """`GET /api/ai/jobs`: a page of the tenant's jobs, newest first."""
+
+    jobs: list[JobView]
+    next_cursor: str | None = Field(
+        None, description="pass as `cursor` for the next page; absent on the last page"
+    )
+
+
+class QueueCounts(WireModel):
+    """`GET /api/ai/queue`: the tenant's jobs by status, overall and per provider."""
+
+    states: dict[str, int]
+    providers: dict[str, dict[str, int]]
+    counted: int = Field(description="jobs counted (the newest, up to FLOW_STREAM_COUNT_LIMIT)")
+    complete: bool = Field(description="false when the tenant has more jobs than were counted")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from langchain_core.messages import AIMessage
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.outputs import ChatGeneration
 from langchain_core.prompts import ChatPromptTemplate
@@ -25,11 +26,13 @@ async def generate(
     request: GenerateRequest,
     *,
     observe: Callable[[dict[str, Any]], None] | None = None,
+    on_token: Callable[[str], None] | None = None,
 ) -> Generation:
     """Run one request on `provider`/`model`; SDK errors come out as domain `ProviderError`s.
 
     `observe`, if given, sees the answer's `response_metadata` (the rate budget reads the
-    provider's rate-limit headers there).
+    provider's rate-limit headers there). `on_token`, if given, receives the answer's text as
+    the provider produces it (the call is streamed); the result is the same either way.
     """
     options = request.options
     template = _WITH_SYSTEM if options.system else _PROMPT_ONLY
@@ -40,7 +43,11 @@ async def generate(
     messages = template.format_messages(system=options.system or "", prompt=request.prompt)
     chat = provider.chat_model(model)
     try:
-        message = await chat.ainvoke(messages, **provider.call_options(options))
+        kwargs = provider.call_options(options)
+        if on_token is None:
+            message: BaseMessage = await chat.ainvoke(messages, **kwargs)
+        else:
+            message = await _streamed(chat, messages, kwargs, on_token)
     except FlowError:
         raise
     except Exception as exc:
@@ -59,6 +66,30 @@ async def generate(
         usage=usage_of(message),
         finish_reason=finish_reason_of(message),
     )
+
+
+async def _streamed(
+    chat: BaseChatModel,
+    messages: list[BaseMessage],
+    kwargs: dict[str, Any],
+    on_token: Callable[[str], None],
+) -> BaseMessage:
+    """The answer of a streamed call, its chunks added up (text, usage, metadata), each chunk's
+    text handed to `on_token` on the way. Through LangChain's `astream`, so any chat model
+    works: one without streaming support answers in one chunk."""
+    total: BaseMessage | None = None
+    async for chunk in chat.astream(messages, **kwargs):
+        text = chunk.text
+        if text:
+            on_token(text)
+        # A model without streaming answers one whole message (not a chunk): that is the answer.
+        if isinstance(chunk, AIMessageChunk) and isinstance(total, AIMessageChunk):
+            total = total + chunk
+        else:
+            total = chunk
+    if total is None:
+        raise ProviderError("the provider's stream ended without an answer")
+    return total
 
 
 def usage_of(message: Any) -> Usage:

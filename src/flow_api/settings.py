@@ -392,6 +392,40 @@ class BatchSettings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="`flow-api batch`: the API key to send")
 
 
+# --- token streaming and job listing (issue 15: GET /api/ai/stream/{jobId}, /api/ai/jobs) ---
+
+
+class StreamSettings(BaseSettings):
+    """Every job's events (status changes, tokens) in a per-job Redis Stream, and the listing."""
+
+    model_config = _section("FLOW_STREAM_")
+
+    enabled: bool = Field(
+        True, description="workers write each job's events (off: streams show only the end)"
+    )
+    tokens: Literal["watched", "always", "never"] = Field(
+        "watched",
+        description="stream a call's tokens from the provider: when a client watches the job "
+        "as its attempt starts (else its text comes as one event at the end), always, or never",
+    )
+    flush_ms: int = Field(
+        20, ge=1, le=1000, description="worker: the longest a token waits before it is written"
+    )
+    max_events: int = Field(
+        2000,
+        ge=10,
+        description="token events one attempt may write; beyond, the rest comes as one event "
+        "when the attempt ends",
+    )
+    block_ms: int = Field(
+        2000, ge=100, le=60_000, description="API: how long one stream read waits in Redis"
+    )
+    ping_s: float = Field(15.0, gt=0, description="API: keep-alive comment interval")
+    count_limit: int = Field(
+        10_000, ge=100, description="GET /api/ai/queue: the newest jobs counted per tenant"
+    )
+
+
 # --- webhooks (issue 15 item 2) -------------------------------------------------------------
 
 SVIX_SCHEDULE_S = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
@@ -457,6 +491,7 @@ class Settings(BaseSettings):
     usage: UsageSettings = Field(default_factory=UsageSettings)
     log_format: Literal["text", "json"] = Field("text", description="FLOW_LOG_FORMAT")
     batch: BatchSettings = Field(default_factory=BatchSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     log_level: str = Field("INFO", description="FLOW_LOG_LEVEL")
 
@@ -489,5 +524,6 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "metrics": MetricsSettings,
     "usage": UsageSettings,
     "batch": BatchSettings,
+    "stream": StreamSettings,
     "webhook": WebhookSettings,
 }

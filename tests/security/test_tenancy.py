@@ -16,7 +16,7 @@ from flow_api.worker import FlowWorker
 from tests.security.conftest import KeyMaker
 from tests.support import Api, start_api
 
-READS = ["status", "result", "jobs"]
+READS = ["status", "result", "jobs", "stream"]
 
 
 def assert_not_found(answer: httpx.Response, job_id: str) -> None:

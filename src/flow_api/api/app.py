@@ -12,7 +12,17 @@ from fastapi import FastAPI
 from flow_api.api.auth import AuthenticateFirst
 from flow_api.api.errors import install_error_handlers
 from flow_api.api.limits import UPLOAD_OVERHEAD_BYTES, BodySizeLimit
-from flow_api.api.routes import batches, files, generate, health, jobs, metrics, usage
+from flow_api.api.routes import (
+    batches,
+    files,
+    generate,
+    health,
+    jobs,
+    listing,
+    metrics,
+    stream,
+    usage,
+)
 from flow_api.api.security import allowed_hosts, install_security
 from flow_api.auth.access import AccessControl
 from flow_api.auth.exposure import check_exposure
@@ -20,6 +30,7 @@ from flow_api.batch.driver import BatchDriver
 from flow_api.batch.files import FileStore
 from flow_api.batch.store import BatchStore
 from flow_api.idempotency import IdempotencyStore
+from flow_api.listing import JobIndex
 from flow_api.observability.metrics import configure_labels
 from flow_api.observability.usage import PriceTable
 from flow_api.providers import ProviderRegistry, build_registry
@@ -28,6 +39,7 @@ from flow_api.queue.connection import connect
 from flow_api.queue.producer import job_queue
 from flow_api.queue.store import JobStore
 from flow_api.settings import Settings
+from flow_api.streaming.reader import JobStreams
 from flow_api.webhooks.subscriptions import Subscriptions
 
 
@@ -42,7 +54,9 @@ def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> 
         async with job_queue(settings.redis, settings.worker) as queue:
             app.state.settings = settings
             app.state.queue = queue
-            app.state.store = JobStore(queue)
+            app.state.store = store = JobStore(queue)
+            app.state.streams = JobStreams(store, settings)
+            app.state.index = JobIndex(queue.redis, settings)
             app.state.admission = Admission(queue, settings.admission)
             app.state.registry = providers
             configure_labels(settings, providers)
@@ -110,7 +124,7 @@ def create_app(settings: Settings, registry: ProviderRegistry | None = None) -> 
     )
     app.add_middleware(AuthenticateFirst)  # outside the body limit: a 401 reads no body
     install_security(app, settings.auth, allowed_hosts(settings))
-    for module in (generate, jobs, health, usage, files, batches):
+    for module in (generate, jobs, stream, listing, health, usage, files, batches):
         app.include_router(module.router)
     if settings.metrics.enabled:
         app.include_router(metrics.router)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anthropic
@@ -10,7 +11,7 @@ from langchain_anthropic import ChatAnthropic
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import BaseMessage
-from langchain_core.outputs import ChatResult
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
 
 from flow_api.errors import ProviderError
 from flow_api.providers.base import Provider
@@ -83,3 +84,25 @@ class HeaderedChatAnthropic(ChatAnthropic):
         if holder and result.generations:
             result.generations[0].message.response_metadata[RATELIMIT_FIELD] = holder
         return result
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        """Streamed: the headers go with the first chunk (they are known before it)."""
+        holder: dict[str, str] = {}
+        token = _captured.set(holder)
+        try:
+            first = True
+            async for chunk in super()._astream(
+                messages, stop=stop, run_manager=run_manager, **kwargs
+            ):
+                if first and holder:
+                    chunk.message.response_metadata[RATELIMIT_FIELD] = dict(holder)
+                first = False
+                yield chunk
+        finally:
+            _captured.reset(token)

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from importlib.util import find_spec
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, ChatMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
 from langchain_core.messages.ai import UsageMetadata
-from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, Field
 
 from flow_api.errors import LocalModelUnavailable, ProviderError
@@ -139,6 +140,49 @@ class LocalChatModel(BaseChatModel):
     ) -> ChatResult:
         request = self._request(messages, stop, kwargs)
         return self._result(await self.pool.complete(request))
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        """The model process's text as it generates it (its `token` messages, relayed by the
+        supervisor thread), then a last chunk with what the answer adds (the text the model
+        process held back) and its usage and finish reason."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+
+        def relay(text: str) -> None:  # on the supervisor thread
+            loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+        request = self._request(messages, stop, kwargs)
+        call = asyncio.ensure_future(self.pool.complete(request, relay))
+        call.add_done_callback(lambda _: pieces.put_nowait(None))
+        sent = ""
+        try:
+            while (piece := await pieces.get()) is not None:
+                sent += piece
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
+                if run_manager is not None:
+                    await run_manager.on_llm_new_token(piece, chunk=chunk)
+                yield chunk
+            completion = await call
+        finally:
+            call.cancel()  # a cancelled caller stops the generation (`ModelPool.complete`)
+        if not completion.text.startswith(sent):  # the model process's holdback failed
+            log.warning("local model: streamed text is not a prefix of the answer")
+        rest = completion.text[len(sent) :] if completion.text.startswith(sent) else ""
+        final = self._result(completion).generations[0].message
+        yield ChatGenerationChunk(
+            message=AIMessageChunk(
+                content=rest,
+                usage_metadata=getattr(final, "usage_metadata", None),
+                response_metadata=final.response_metadata,
+                chunk_position="last",
+            )
+        )
 
 
 class LocalProvider(Provider):

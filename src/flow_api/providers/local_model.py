@@ -91,6 +91,47 @@ class TokenStream:
         self.seen = max(self.seen, len(ids))
 
 
+class AnswerText:
+    """Passes on only text the final answer keeps, as it grows.
+
+    The answer is the generated text cut at the first stop sequence, then stripped: so text is
+    held back while it could be the start of a stop sequence, and whitespace while it could be
+    the answer's end (or its start). What was passed on is always a prefix of the answer.
+    """
+
+    def __init__(self, stops: Sequence[str], emit: Callable[[str], None]) -> None:
+        self.stops = [s for s in stops if s]
+        self.emit = emit
+        self.text = ""
+        self.sent = 0
+        self.ended = False
+
+    def __call__(self, piece: str) -> None:
+        if self.ended:
+            return
+        self.text += piece
+        text = self.text.lstrip()
+        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            text, self.ended = text[: min(cuts)], True
+        else:
+            text = text[: len(text) - self._partial_stop(text)]
+        text = text.rstrip()
+        if len(text) > self.sent:
+            self.emit(text[self.sent :])
+            self.sent = len(text)
+
+    def _partial_stop(self, text: str) -> int:
+        """The length of the longest end of `text` that begins a stop sequence."""
+        longest = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(text)), longest, -1):
+                if stop.startswith(text[-size:]):
+                    longest = size
+                    break
+        return longest
+
+
 class LoadedModel:
     """One llama.cpp context, and how prompts are framed for it (its own template, or plain)."""
 
@@ -150,7 +191,10 @@ class LoadedModel:
                 f"the prompt is {len(tokens)} tokens; the local model's context is {self.n_ctx} "
                 "(FLOW_LOCAL_CONTEXT_SIZE)"
             )
-        stream = TokenStream(self.llm, len(tokens), on_token) if on_token else None
+        stops = stop + list(request.stop)
+        stream = None
+        if on_token is not None:
+            stream = TokenStream(self.llm, len(tokens), AnswerText(stops, on_token))
 
         def stop_here(ids: Any, _logits: Any) -> bool:  # numpy arrays
             if stream is not None:
@@ -161,7 +205,7 @@ class LoadedModel:
             prompt=tokens,
             max_tokens=request.max_tokens,
             temperature=request.temperature,
-            stop=stop + list(request.stop),
+            stop=stops,
             # Without a seed each call samples differently; with one it is reproducible.
             seed=request.seed if request.seed is not None else random.randrange(2**31),
             stopping_criteria=StoppingCriteriaList([stop_here]),

@@ -13,12 +13,13 @@ message's `response_metadata` under `ratelimit`, where the worker's rate budget 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun
 from langchain_core.messages import BaseMessage
-from langchain_core.outputs import ChatResult
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_openai import AzureChatOpenAI, ChatOpenAI
 from langchain_openai.chat_models import base as lc_openai
 
@@ -58,10 +59,35 @@ class _InlineResult:
         built: ChatResult = model._create_chat_result(response, info)
         return built
 
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        """LangChain's stream, with only the rate-limit headers kept from the first chunk's
+        `headers` (`include_response_headers` copies them all)."""
+        chunks = super()._astream(messages, stop=stop, run_manager=run_manager, **kwargs)  # type: ignore[misc]
+        async for chunk in chunks:
+            info = chunk.generation_info
+            if info and "headers" in info:
+                limits = ratelimit_headers(info.pop("headers"))
+                if limits:
+                    info[RATELIMIT_FIELD] = limits
+            yield chunk
+
 
 class InlineChatOpenAI(_InlineResult, ChatOpenAI):
     """`ChatOpenAI` whose results are built on the event loop (see the module docstring)."""
 
+    # Streamed calls (every job's, for `GET /api/ai/stream`) report usage and rate limits too.
+    stream_usage: bool | None = True
+    include_response_headers: bool = True
+
 
 class InlineAzureChatOpenAI(_InlineResult, AzureChatOpenAI):
     """`AzureChatOpenAI` whose results are built on the event loop."""
+
+    stream_usage: bool | None = True
+    include_response_headers: bool = True

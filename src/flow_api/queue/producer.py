@@ -108,12 +108,20 @@ class JobQueue:
             self.fair_share = FairShare(redis, self.bull.toKey(""), worker.tenant_weights)
 
     async def enqueue(
-        self, data: JobData, priority: int | None = None, job_id: str | None = None
+        self,
+        data: JobData,
+        priority: int | None = None,
+        job_id: str | None = None,
+        created_ms: int | None = None,
     ) -> str:
-        """Durably add a job; returns its id (by default a new random one)."""
+        """Durably add a job; returns its id (by default a new random one). `created_ms`: its
+        creation time (default now), as the job listing indexed it."""
         job_id = job_id or new_job_id()
+        opts = job_options(self.worker, job_id, priority)
+        if created_ms is not None:
+            opts["timestamp"] = created_ms
         with redis_errors_as_unavailable():
-            await self.bull.add(JOB_NAME, data.wire(), job_options(self.worker, job_id, priority))
+            await self.bull.add(JOB_NAME, data.wire(), opts)
         await self._hold(data.tenant, [(job_id, priority or 0)])
         return job_id
 

@@ -3,6 +3,7 @@ in our names."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,27 +96,50 @@ class JobStore:
         is given, for another tenant's jobs (checked inside Redis)."""
         if not valid_job_id(job_id):
             raise JobNotFound(job_id)
-        key = self.bull.toKey
         with redis_errors_as_unavailable():
-            reply = await self._snapshot(
-                keys=[
-                    key(job_id),
-                    key("completed"),
-                    key("failed"),
-                    key("active"),
-                    key(f"{job_id}:logs"),
-                ],
-                args=[job_id, "1" if with_logs else "0", tenant or "", DEFAULT_TENANT],
-            )
-        if not reply:
+            reply = await self._read(job_id, with_logs, tenant)
+        job = self._stored(job_id, reply)
+        if job is None:
             raise JobNotFound(job_id)
+        return job
+
+    async def fetch_many(
+        self, job_ids: Sequence[str], *, tenant: str | None = None
+    ) -> list[StoredJob | None]:
+        """`fetch` for many jobs in one round trip; None for each one `fetch` would not find."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            await self._read(job_id, False, tenant, pipe)
+        with redis_errors_as_unavailable():
+            replies = await pipe.execute()
+        return [self._stored(i, r) for i, r in zip(job_ids, replies, strict=True)]
+
+    async def _read(
+        self, job_id: str, with_logs: bool, tenant: str | None, client: Any = None
+    ) -> Any:
+        key = self.bull.toKey
+        return await self._snapshot(
+            keys=[
+                key(job_id),
+                key("completed"),
+                key("failed"),
+                key("active"),
+                key(f"{job_id}:logs"),
+            ],
+            args=[job_id, "1" if with_logs else "0", tenant or "", DEFAULT_TENANT],
+            client=client,
+        )
+
+    def _stored(self, job_id: str, reply: Any) -> StoredJob | None:
+        if not reply:
+            return None
         flat, state, lines = reply
         raw = dict(zip(flat[::2], flat[1::2], strict=True))
         job = Job.fromJSON(self.bull, raw, job_id)
         try:
             data = JobData.parse(job.data)
         except FlowError:
-            raise JobNotFound(job_id) from None
+            return None
         return StoredJob(
             id=job_id,
             state=JobStatus(state),

@@ -23,7 +23,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flow_api.budget import Ticket
 from flow_api.errors import FlowError, JobCancelled, QueueUnavailable, WorkerFault
@@ -32,6 +32,9 @@ from flow_api.models import Generation
 from flow_api.providers import Provider
 from flow_api.queue.connection import REDIS_DOWN, RedisOutOfMemory, out_of_memory
 from flow_api.queue.consumer import AttemptFailed, JobHandle
+
+if TYPE_CHECKING:
+    from flow_api.streaming.writer import AttemptStream
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,9 @@ class Attempt:
     the same one the job's views read, so they and the worker never disagree."""
     calling: bool = False
     generation: Generation | None = None
+    on_token: Callable[[str], None] | None = None
+    """Receives the answer's text as the provider produces it (set by the `Stream` step)."""
+    stream: AttemptStream | None = None
 
     @property
     def number(self) -> int:

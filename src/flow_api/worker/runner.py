@@ -26,6 +26,7 @@ from flow_api.queue.connection import REDIS_TROUBLE, connect
 from flow_api.queue.consumer import QueueConsumer
 from flow_api.settings import Settings
 from flow_api.startup import StartupError
+from flow_api.streaming.writer import StreamWriter
 from flow_api.webhooks.runner import WebhookRunner
 from flow_api.worker.attempt import AttemptChain
 from flow_api.worker.steps import (
@@ -36,6 +37,7 @@ from flow_api.worker.steps import (
     Quota,
     Record,
     Resolve,
+    Stream,
     call_provider,
 )
 
@@ -54,6 +56,7 @@ class FlowWorker:
         self.registry = registry
         self.budget = RateBudget(settings)  # provider rate limits shared by all workers
         self.consumer: QueueConsumer | None = None
+        self.streams: StreamWriter | None = None
         self._stop_requested = False
 
     @contextlib.asynccontextmanager
@@ -61,8 +64,10 @@ class FlowWorker:
         """The process's one Redis pool (quota, budget, cancels, heartbeat), closed on exit."""
         redis = connect(self.settings.redis)
         self.budget = RateBudget(self.settings, redis)
+        streams = StreamWriter(redis, self.settings)
+        self.streams = streams if self.settings.stream.enabled else None
         try:
-            async with self.budget:
+            async with self.budget, streams.running():
                 yield redis
         finally:
             await redis.aclose()
@@ -86,6 +91,8 @@ class FlowWorker:
             Gate(),
             ProviderTurn(self.registry),
         ]
+        if self.streams is not None:
+            steps.append(Stream(self.streams, self.settings.stream.tokens))
         return AttemptChain(steps, observed_call(call_provider, PriceTable(self.settings.usage)))
 
     async def run(self) -> None:

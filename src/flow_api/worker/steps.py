@@ -21,6 +21,7 @@ from flow_api.models import Generation
 from flow_api.pipeline import generate
 from flow_api.providers import ProviderRegistry
 from flow_api.settings import WorkerSettings
+from flow_api.streaming.writer import StreamWriter
 from flow_api.worker.attempt import Attempt, Step
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,53 @@ class ProviderTurn(Step):
             turn.release()
 
 
+class Stream(Step):
+    """Writes the attempt to the job's stream (`GET /api/ai/stream/{jobId}`): its start, its
+    tokens as the provider produces them, a retry, and the job's outcome once decided.
+
+    Tokens are asked of the provider (a streamed call) when a client watches the job as the
+    attempt starts (`FLOW_STREAM_TOKENS=watched`, the default), or always: a streamed call
+    costs the worker several times the CPU of a whole answer (each chunk is parsed by the SDK
+    and built into LangChain messages), so unwatched jobs keep the cheap path and their text
+    comes as one event when the attempt ends.
+
+    Last before the call, so `active` means the provider call begins; `always_on_error`, so a
+    job that ends before (cancelled or expired at the gate, a budget refusal) ends its stream.
+    """
+
+    always_on_error = True
+
+    def __init__(self, writer: StreamWriter, tokens: str) -> None:
+        self.writer = writer
+        self.tokens = tokens
+
+    async def before(self, attempt: Attempt) -> None:
+        stream = attempt.stream = self.writer.attempt(attempt.job.id, attempt.number)
+        stream.started()
+        if self.tokens == "always" or (
+            self.tokens == "watched" and await self.writer.watched(attempt.job.id)
+        ):
+            attempt.on_token = stream.token
+
+    async def after(self, attempt: Attempt) -> None:
+        stream, generation = attempt.stream, attempt.generation
+        assert stream is not None and generation is not None
+        if attempt.on_token is None:  # not streamed: the whole text in one event
+            stream.token(generation.text)
+        stream.ended("completed")
+
+    async def on_error(self, attempt: Attempt, error: FlowError, final: bool) -> None:
+        stream = attempt.stream or self.writer.attempt(attempt.job.id, attempt.number)
+        if not final:
+            stream.retrying(error.to_dict())
+        elif isinstance(error, JobCancelled):
+            stream.ended("cancelled")
+        elif isinstance(error, JobExpired):
+            stream.ended("expired")
+        else:
+            stream.ended("failed")
+
+
 async def call_provider(attempt: Attempt) -> Generation:
     """The provider call itself: the LangChain pipeline under the attempt's time limit."""
     assert attempt.data is not None and attempt.provider is not None
@@ -230,7 +278,11 @@ async def call_provider(attempt: Attempt) -> Generation:
     try:
         async with asyncio.timeout(attempt.timeout_s):
             return await generate(
-                attempt.provider, attempt.model, attempt.data.request, observe=observe
+                attempt.provider,
+                attempt.model,
+                attempt.data.request,
+                observe=observe,
+                on_token=attempt.on_token,
             )
     except TimeoutError:
         raise ProviderTimeout(

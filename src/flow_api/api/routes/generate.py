@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Annotated
 
 import orjson
@@ -19,8 +20,10 @@ from flow_api.api.deps import (
     WebhooksDep,
 )
 from flow_api.api.responses import errors
+from flow_api.api.routes.listing import IndexDep
 from flow_api.errors import FlowError, InvalidRequest
-from flow_api.jobs import JobData
+from flow_api.jobs import JobData, now_ms
+from flow_api.listing import JobIndex
 from flow_api.models import GenerateRequest, JobAccepted
 from flow_api.observability.metrics import METRICS
 from flow_api.observability.spans import SubmitSpanDep
@@ -30,6 +33,7 @@ from flow_api.queue.producer import new_job_id
 from flow_api.settings import ApiSettings, WorkerSettings
 
 router = APIRouter(prefix="/api/ai", tags=["jobs"])
+log = logging.getLogger(__name__)
 
 
 def check_limits(body: GenerateRequest, limits: ApiSettings, worker: WorkerSettings) -> None:
@@ -74,6 +78,7 @@ async def submit(
     principal: SubmitterDep,
     access: AccessDep,
     span: SubmitSpanDep,
+    index: IndexDep,
     webhooks: WebhooksDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
@@ -95,7 +100,7 @@ async def submit(
     data = data.with_webhook(webhook)
     size = job_bytes((body.prompt, body.options.system))
     await admission.admit(principal.tenant, size)  # or 503 queue_full: Redis keeps room to drain
-    job_id = new_job_id()
+    job_id, created_ms = new_job_id(), now_ms()  # one creation time: the record's, the index's
     span.set_attribute("flow.job_id", job_id)
     claim = None
     if idempotency_key is not None:
@@ -113,7 +118,9 @@ async def submit(
         data = data.with_charge(charge, spend)
         if webhook is not None:  # before the job exists: no ending can slip past the outbox
             await webhooks.register(job_id)
-        await queue.enqueue(data, priority=body.options.priority, job_id=job_id)
+        await queue.enqueue(
+            data, priority=body.options.priority, job_id=job_id, created_ms=created_ms
+        )
     except Exception as error:
         await access.refund(charge, job_id)
         await access.refund_spend(spend, job_id)
@@ -121,6 +128,7 @@ async def submit(
             with contextlib.suppress(FlowError):  # unrecorded, the pending claim expires
                 await idempotency.failed(claim, error)
         raise
+    await _index(index, principal.tenant, job_id, created_ms)
     if claim is not None:
         # The job is queued whatever happens here: a replay finds it by its id even if this
         # record is never written.
@@ -128,6 +136,15 @@ async def submit(
             await idempotency.accepted(claim)
     METRICS.jobs_submitted.labels(*METRICS.job_labels(provider.name, model, principal.tenant)).inc()
     return _accepted(response, job_id)
+
+
+async def _index(index: JobIndex, tenant: str, job_id: str, created_ms: int) -> None:
+    """List the job (`GET /api/ai/jobs`). It is queued already: if Redis fails here it runs,
+    and shows everywhere but in the listing, rather than the client being told 503."""
+    try:
+        await index.add(tenant, job_id, created_ms)
+    except FlowError as exc:
+        log.warning("job %s not listed: %s", job_id, exc.code)
 
 
 def _accepted(response: Response, job_id: str, *, replayed: bool = False) -> JobAccepted:
