@@ -123,6 +123,8 @@ async def test_bad_queries_are_422_with_the_field(api: Api) -> None:
         ("limit=0", "limit"),
         ("limit=101", "limit"),
         ("createdAfter=yesterday", "createdAfter"),
+        ("createdAfter=0.5", "createdAfter"),  # a number is whole milliseconds, not seconds
+        ("createdAfter=1e3", "createdAfter"),
     ):
         answer = await api.client.get(f"/api/ai/jobs?{query}")
         assert answer.status_code == 422, (query, answer.text)

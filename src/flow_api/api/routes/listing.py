@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BeforeValidator, WithJsonSchema
 
 from flow_api.api.auth import ReaderDep
 from flow_api.api.deps import StoreDep, _state
@@ -18,6 +20,31 @@ router = APIRouter(prefix="/api/ai", tags=["jobs"])
 IndexDep = Annotated[JobIndex, Depends(_state("index"))]
 
 _METADATA = "metadata."
+_NUMBER = re.compile(r"[-+]?[\d.eE+-]+")
+
+
+def _created_after(value: Any) -> Any:
+    # Milliseconds since the epoch as digits, or an ISO 8601 date-time, as the schema says;
+    # pydantic alone would also read "0.5" or "1e3" as a Unix time in seconds.
+    if isinstance(value, str) and value.isdigit():
+        return datetime.fromtimestamp(int(value) / 1000, UTC)
+    if isinstance(value, str) and _NUMBER.fullmatch(value):
+        raise ValueError("expected an ISO 8601 date-time or whole milliseconds since the epoch")
+    return value
+
+
+CreatedAfter = Annotated[
+    datetime | None,
+    BeforeValidator(_created_after),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "format": "date-time"},
+                {"type": "string", "pattern": "^[0-9]{1,15}$"},
+            ]
+        }
+    ),
+]
 
 
 @router.get(
@@ -33,7 +60,7 @@ async def list_jobs(
     principal: ReaderDep,
     status: JobStatus | None = None,
     created_after: Annotated[
-        datetime | None,
+        CreatedAfter,
         Query(alias="createdAfter", description="ISO 8601, or milliseconds since the epoch"),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
