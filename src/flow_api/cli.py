@@ -12,9 +12,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-import uvloop
-
-from flow_api import data_folder
+from flow_api import data_folder, running
 from flow_api.auth import commands as key_commands
 from flow_api.auth.exposure import InsecureBinding
 from flow_api.batch import commands as batch_commands
@@ -117,16 +115,16 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         with listen(settings) as sock:
             from flow_api import service
 
-            uvloop.run(service.serve_api(settings, sock))
+            running.run(service.serve_api(settings, sock))
     elif args.command == "worker":
         from flow_api import service
 
-        uvloop.run(service.run_worker(settings))
+        running.run(service.run_worker(settings))
     elif args.command == "up":
         with data_folder.claim(args.data_dir) as folder, listen(settings) as sock:
             from flow_api import service
 
-            uvloop.run(service.run_up(settings, folder, sock))
+            running.run(service.run_up(settings, folder, sock))
     else:
         from flow_api import service
 

@@ -40,6 +40,7 @@ from flow_api.embedded import EmbeddedValkey, free_port
 from flow_api.heartbeat import read_heartbeats
 from flow_api.keys import token_quota_key
 from flow_api.queue.connection import REDIS_DOWN, connect
+from flow_api.running import awaiting
 from flow_api.settings import ApiSettings, AuthSettings, Settings, WorkerSettings
 from flow_api.testing import Simulator, SimulatorConfig
 from flow_api.testing.children import env_for, flow_api_command
@@ -320,16 +321,17 @@ class Stack:
         return "\n".join(p.read_text(errors="replace") for p in self.root.glob("worker-*.log"))
 
 
-def _awaiting(task: asyncio.Task[Any]) -> str:
-    """Where a task waits, outermost first: its coroutine's chain of awaits (`get_stack` shows
-    a suspended coroutine's outermost frame only)."""
-    where, coro = [], task.get_coro()
-    while coro is not None:
-        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
-        if frame is not None:
-            where.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
-        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-    return " -> ".join(where) or repr(task)
+async def _end(task: asyncio.Task[Any], wait_s: float = 5) -> None:
+    """Cancel a helper task and wait for it, but not forever: a cancel swallowed somewhere
+    below it (seen once: the health check went on sleeping, and the run stalled waiting for
+    it) is printed with where the task waits, and the run goes on."""
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=wait_s)
+    if not done:
+        print(f"task {task.get_name()} ignored its cancel; waits at {awaiting(task)}", flush=True)
+        return
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 # --- the driver ---------------------------------------------------------------------------
@@ -371,9 +373,7 @@ class Driver:
                     await asyncio.gather(*self.pending)
                     await self._settle_down()
                 finally:
-                    poller.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await poller
+                    await _end(poller)
                 await self._final_checks()
         except BaseException:
             await stack.abort()  # a failing run leaves no process behind
@@ -396,7 +396,7 @@ class Driver:
                 continue
             lines = [f"driver made no progress for {stall_s:.0f} s; tasks:"]
             for task in asyncio.all_tasks():
-                lines.append(f"  {task.get_name()}: {_awaiting(task)}")
+                lines.append(f"  {task.get_name()}: {awaiting(task)}")
             for line in lines:
                 print(f"VIOLATION: stall | {line}", flush=True)
             self.model.violations.append("\n".join(lines))
@@ -599,9 +599,7 @@ class Driver:
                 await asyncio.sleep(0.1)
                 self.polls += 1
         finally:
-            health.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await health
+            await _end(health)
 
     async def _check_health_forever(self) -> None:
         """Workers' live slots and the keys' ledgers, twice a second."""

@@ -158,6 +158,7 @@ class FlowWorker:
         """Report the live slot count to Redis; log it when it changes."""
         slots = self.settings.worker.concurrency
         reported = -1
+        failing = False  # one warning per outage: a full Redis refuses every beat
         while True:
             live = consumer.live_slots
             if live != reported and live > 0 and not self._stop_requested:
@@ -178,7 +179,13 @@ class FlowWorker:
                 await write_heartbeat(redis, self.settings.redis.queue_name, beat)
             except REDIS_TROUBLE as exc:  # down, or out of memory: the next beat tries again
                 METRICS.redis_errors.labels("heartbeat").inc()
-                log.warning("heartbeat not written: %s", type(exc).__name__)
+                if not failing:
+                    log.warning("heartbeat not written: %s; retrying", type(exc).__name__)
+                failing = True
+            else:
+                if failing:
+                    log.info("heartbeat written again")
+                failing = False
             await asyncio.sleep(INTERVAL_S if live == slots else 0.2)
 
 
