@@ -7,7 +7,6 @@ high concurrency (see `slot_worker`) does not matter here.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -102,8 +101,14 @@ class DeliveryConsumer:
             await asyncio.wait_for(asyncio.shield(closing), 5)
         except TimeoutError:
             self.worker.cancelProcessing()
-            with contextlib.suppress(Exception):
-                await closing
+            # A close that never ends (seen: a stop landing while bullmq's run was still
+            # naming its connection, whose pool then failed) must not hold the worker's exit.
+            await asyncio.wait([closing], timeout=5)
+            if not closing.done():
+                closing.cancel()
+                log.warning("the webhook delivery worker did not close; left to exit")
+        except Exception as exc:  # the close itself failed: nothing more to stop
+            log.warning("webhook delivery worker close: %s: %s", type(exc).__name__, exc)
 
 
 def _log_error(err: BaseException, *_: Any) -> None:

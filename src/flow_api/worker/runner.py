@@ -44,6 +44,10 @@ from flow_api.worker.steps import (
 log = logging.getLogger(__name__)
 
 
+RUN_STOP_S = 5.0
+"""The longest the worker waits for its webhook deliveries to stop."""
+
+
 class WorkerStopped(RuntimeError):
     """The worker stopped serving without being asked to: its process must exit non-zero."""
 
@@ -129,8 +133,10 @@ class FlowWorker:
                     await webhooks.stop()
                     with contextlib.suppress(asyncio.CancelledError):
                         await beating
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await hooking
+                    # Deliveries are a side line: their end (or failure, logged by the
+                    # runner) never holds up or fails the worker's own stop.
+                    await asyncio.wait([hooking], timeout=RUN_STOP_S)
+                    hooking.cancel()
                 if not self._stop_requested:
                     raise WorkerStopped("the worker's queue loop ended without a stop request")
         finally:
