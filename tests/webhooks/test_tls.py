@@ -3,7 +3,6 @@ URL's host name (SNI and verification), so pinning the address costs no TLS safe
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import ssl
 from collections.abc import AsyncIterator
@@ -13,45 +12,19 @@ import httpx
 import pytest
 from aiohttp import web
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from flow_api.embedded import free_port
 from flow_api.settings import WebhookSettings
 from flow_api.webhooks.address import Target
 from flow_api.webhooks.delivery import Sender
+from tests.support.certificates import self_signed
 
 HOST = "hooks.test"
 
 
 def certificate(folder: Path) -> tuple[Path, Path]:
     """A self-signed certificate for `HOST` only (not for 127.0.0.1)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOST)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = folder / "hooks.crt", folder / "hooks.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
+    return self_signed(folder, "hooks", HOST, x509.DNSName(HOST))
 
 
 @pytest.fixture
